@@ -1,0 +1,111 @@
+//! Command line: CRIU users should feel at home (DESIGN §3).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "snap", version, about = "Checkpoint and restore Linux process trees and application groups",
+    long_about = "snap captures the complete state of a process tree (or several) at one consistent \
+instant into an image directory, and restores it later with the same PIDs, here or on another host.\n\n\
+Examples:\n  snap dump -t 1234 -D /tmp/img          checkpoint the tree under 1234, then stop it\n  \
+snap restore -D /tmp/img               bring it back (snap waits for the root and exits with its status)\n  \
+snap image show /tmp/img               what an image holds\n  snap check                             what this kernel supports")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Checkpoint the process trees under each -t PID at one consistent instant.
+    Dump(DumpArgs),
+    /// Restore the processes of an image directory with their PIDs and state.
+    Restore(RestoreArgs),
+    /// Report which kernel features snap can use on this machine.
+    Check {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DumpArgs {
+    /// Root of a process tree to dump (repeat for an application group).
+    #[arg(short = 't', long = "tree", required = true)]
+    pub tree: Vec<i32>,
+    /// Image directory (created if missing; must be empty).
+    #[arg(short = 'D', long = "images-dir")]
+    pub dir: PathBuf,
+    /// Resume the processes after the dump instead of killing them.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Allow terminals on stdio; restore attaches them to its own terminal.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Compress page packs with zstd.
+    #[arg(long)]
+    pub compress: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Image directory written by `snap dump`.
+    #[arg(short = 'D', long = "images-dir")]
+    pub dir: PathBuf,
+    /// Return once everything runs, instead of waiting for the root.
+    #[arg(short = 'd', long = "restore-detached")]
+    pub detached: bool,
+    /// Restore into a new pid namespace (PIDs inside are the saved ones).
+    #[arg(long)]
+    pub pidns: bool,
+    /// Give terminal descriptors snap's own terminal.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Write the restored root's PID to this file (for systemd PIDFile=).
+    #[arg(long)]
+    pub pidfile: Option<PathBuf>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Print what an image holds.
+    Show {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point: parse, run, print the error chain on failure.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("snap: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Dump(a) => crate::dump::run(&a).map(|_| 0),
+        Cmd::Restore(a) => crate::restore::run(&a),
+        Cmd::Check { json } => crate::check::run(json).map(|_| 0),
+        Cmd::Image { cmd: ImageCmd::Show { dir, json } } => crate::images::show::run(&dir, json).map(|_| 0),
+    }
+}

@@ -1,0 +1,3 @@
+//! `snap dump`. (stub)
+use anyhow::Result;
+pub fn run(a: &crate::cli::DumpArgs) -> Result<()> { let _ = a; todo!() }

@@ -1,0 +1,318 @@
+//! Image records: the JSON metadata of a checkpoint.
+//!
+//! Every record is versioned through the inventory's `format_version`. A new
+//! optional field is a minor change: it carries `#[serde(default)]` so old
+//! images still load, and old readers skip fields they do not know.
+//! Page contents are not here: they live in the page store (`pagestore.rs`),
+//! referenced by `PageRef`s in the per-process page maps.
+
+use serde::{Deserialize, Serialize};
+
+/// Current image format version. Bump on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `inventory.json`: what the image is and what it needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Inventory {
+    pub format_version: u32,
+    /// Always "x86_64" for now; checked on load.
+    pub arch: String,
+    /// `uname -r` of the dumping host.
+    pub kernel: String,
+    /// XCR0 feature mask of the dumping CPU: restore needs a CPU with these.
+    pub xsave_mask: u64,
+    /// Size in bytes of the XSAVE area of each thread.
+    pub xsave_size: u32,
+    /// Seconds since the epoch when the dump finished.
+    pub created_unix: u64,
+    /// The `-t` roots, in command-line order.
+    pub roots: Vec<i32>,
+    /// Every process in the image, parents before children.
+    pub pids: Vec<i32>,
+    /// Features the dump used (e.g. "parasite", "zstd", "shell-job").
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Total bytes of page data referenced by all processes (logical size).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Directory of a parent image for incremental chains (issue 3).
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+/// `proc-<pid>.json`: one process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Alive, or a zombie with its wait status.
+    pub state: ProcState,
+    pub comm: String,
+    /// Target of /proc/PID/exe at dump time.
+    pub exe: String,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub creds: Creds,
+    pub rlimits: Vec<Rlimit>,
+    pub personality: u32,
+    pub nice: i32,
+    pub sched: Sched,
+    pub no_new_privs: bool,
+    pub dumpable: i32,
+    /// seccomp mode from /proc/PID/status (0 = none). Non-zero is refused for now.
+    pub seccomp: u32,
+    pub mm: MmInfo,
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<FdEntry>,
+    /// Signal dispositions 1..=64 (index 0 is signal 1).
+    pub sigactions: Vec<SigAction>,
+    pub itimers: ITimers,
+    /// Process-directed pending signals.
+    pub shared_pending: Vec<SigInfo>,
+    /// Threads; the first is the thread-group leader (tid == pid).
+    pub threads: Vec<ThreadImage>,
+    /// Children in creation order (ascending pid of the dump).
+    pub children: Vec<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProcState {
+    Alive,
+    /// Raw wait status as `waitpid` would return it.
+    Zombie { wait_status: i32 },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Creds {
+    pub uid: [u32; 4], // real, effective, saved, fs
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rlimit {
+    /// RLIMIT_* number.
+    pub resource: u32,
+    /// u64::MAX means unlimited.
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Sched {
+    pub policy: u32,
+    pub priority: u32,
+}
+
+/// The `mm` fields that `PR_SET_MM_MAP` restores, plus auxv.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MmInfo {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// Raw auxv as (key, value) pairs, terminating AT_NULL excluded.
+    pub auxv: Vec<(u64, u64)>,
+}
+
+/// One mapping of /proc/PID/maps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    /// true for MAP_SHARED.
+    pub shared: bool,
+    /// File offset in bytes (file mappings).
+    pub pgoff: u64,
+    pub kind: VmaKind,
+    /// VM_GROWSDOWN (the main stack).
+    #[serde(default)]
+    pub growsdown: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmaKind {
+    /// Private anonymous memory (heap, stacks, anonymous mmaps).
+    Anon,
+    /// Memory backed by a file. Private mappings have their written
+    /// (copy-on-write) pages in the page map; shared ones are not dumped.
+    File { file: FileId },
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, /dev/zero, SysV
+    /// shm): its content is in `shmem-<id>` page map, shared by every
+    /// process that maps the same object.
+    SharedAnon { shmem_id: u64, size: u64 },
+    /// [vdso], [vvar], [vvar_vclock]: provided by the kernel.
+    Special { name: String },
+    /// [vsyscall]: fixed by the kernel, never touched.
+    Vsyscall,
+}
+
+/// Identity of a file when it was dumped: restore refuses if it changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileId {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// One entry of the fd table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FdEntry {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// Index into `files.json` (open file descriptions, shared between
+    /// processes when they were shared at dump time).
+    pub file: u32,
+}
+
+/// `files.json`: every open file description of the image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FilesImage {
+    pub files: Vec<OpenFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpenFile {
+    pub id: u32,
+    /// O_* status flags (without O_CLOEXEC), from fdinfo.
+    pub flags: u32,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FileKind {
+    /// Regular file or directory opened by path.
+    Regular { file: FileId, pos: u64 },
+    /// Unlinked but open file: its content is stored in `blob`.
+    Deleted { path: String, pos: u64, mode: u32, blob: String },
+    /// Character device (/dev/null, /dev/zero, /dev/urandom, ...).
+    CharDev { path: String, rdev: u64 },
+    /// One end of a pipe. Both ends of a pipe share `pipe_id`; the bytes
+    /// buffered in it are stored once, in `pipe-<pipe_id>.data`.
+    Pipe { pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
+    /// A named pipe (FIFO) opened by path; data as for pipes.
+    Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
+    /// A terminal that restore replaces with its own (`--shell-job`).
+    Tty { path: String },
+}
+
+/// Disposition of one signal.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ITimerVal {
+    pub interval_us: u64,
+    pub value_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ITimers {
+    pub real: ITimerVal,
+    pub virt: ITimerVal,
+    pub prof: ITimerVal,
+}
+
+/// A queued signal: the raw 128-byte siginfo, hex-encoded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SigInfo {
+    pub signo: i32,
+    pub raw_hex: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Rseq {
+    pub ptr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+/// One thread.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThreadImage {
+    pub tid: i32,
+    pub comm: String,
+    /// `user_regs_struct` as 27 u64 words, already adjusted so that an
+    /// interrupted system call is re-issued (see docs/architecture.md).
+    pub regs: Vec<u64>,
+    /// Raw XSAVE area (NT_X86_XSTATE), hex-encoded.
+    pub xsave_hex: String,
+    pub sigmask: u64,
+    pub pending: Vec<SigInfo>,
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    pub rseq: Option<Rseq>,
+    pub sigaltstack: SigAltStack,
+    pub clear_child_tid: u64,
+}
+
+/// Hex helpers for the byte blobs kept in JSON.
+pub fn to_hex(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(D[(x >> 4) as usize] as char);
+        s.push(D[(x & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    fn nib(c: u8) -> anyhow::Result<u8> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => anyhow::bail!("invalid hex digit {:?}", c as char),
+        }
+    }
+    let b = s.as_bytes();
+    anyhow::ensure!(b.len() % 2 == 0, "hex string of odd length {}", b.len());
+    b.chunks(2).map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn hex_roundtrip() {
+        let v: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&v)).unwrap(), v);
+        assert!(from_hex("abc").is_err());
+        assert!(from_hex("zz").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Remote system calls and the injected parasite blob. OWNER: parasite helper. (stub)

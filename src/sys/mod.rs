@@ -1,0 +1,2 @@
+//! Thin system-call wrappers: the only place besides the parasite with `unsafe`.
+pub mod ptrace;

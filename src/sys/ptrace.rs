@@ -1,0 +1,1 @@
+//! ptrace wrappers. OWNER: parasite helper. (stub)
