@@ -1,3 +1,266 @@
-//! `snap dump`. (stub)
-use anyhow::Result;
-pub fn run(a: &crate::cli::DumpArgs) -> Result<()> { let _ = a; todo!() }
+//! `snap dump`: seize the trees, collect every kind of state, write the image.
+//!
+//! Stages, in order:
+//! 1. seize every thread of every process (the barrier, `seize.rs`);
+//! 2. per process: /proc state, thread registers, then the parasite for what
+//!    only the process can tell (signal handlers, timers, fds, memory);
+//! 3. write the records and the inventory (last, so an interrupted dump has
+//!    no inventory and can never be restored by mistake);
+//! 4. kill the processes, or with `--leave-running` let them go.
+//! Any error before stage 4 drops the `Seized` guard, which detaches every
+//! thread: the processes continue untouched.
+
+pub mod mm;
+pub mod proc;
+pub mod seize;
+pub mod threads;
+
+use crate::cli::DumpArgs;
+use crate::images::records::*;
+use crate::images::{ImageWriter, PageHash};
+use crate::kinds::{self, DumpCtx};
+use crate::parasite::Parasite;
+use crate::progress::Progress;
+use crate::types::{Pid, RemoteAddr, PAGE_SIZE};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+/// Shared anonymous objects, keyed by shmem id: object offset -> page hash.
+type ShmemPages = BTreeMap<u64, BTreeMap<u64, PageHash>>;
+
+pub fn run(a: &DumpArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let roots: Vec<Pid> = a.tree.iter().map(|&p| Pid(p)).collect();
+    if roots.iter().any(|p| p.0 == std::process::id() as i32) {
+        bail!("refusing to dump snap itself");
+    }
+    let mut seized = seize::Seized::trees(&roots)?;
+    let mut w = ImageWriter::create(&a.dir, a.compress)?;
+    let mut fctx = DumpCtx::new(a.shell_job);
+    let mut shmem: ShmemPages = BTreeMap::new();
+    let mut total_pages: u64 = 0;
+    let mut xsave_mask = 0u64;
+    let mut xsave_size = 0u32;
+
+    for &pid in &seized.pids.clone() {
+        let mut p = proc::read_process(pid).with_context(|| format!("dumping {pid}"))?;
+        if seized.zombies.contains(&pid) {
+            p.state = ProcState::Zombie { wait_status: zombie_status(&p) };
+            w.write_json(&format!("proc-{}.json", pid.0), &p)?;
+            continue;
+        }
+        if p.seccomp != 0 {
+            bail!("{pid} ({}): seccomp filters are not supported yet (Seccomp mode {})", p.comm, p.seccomp);
+        }
+        let tids = seized.threads.get(&pid).cloned().unwrap_or_default();
+        let mut ths = Vec::with_capacity(tids.len());
+        for &t in &tids {
+            ths.push(threads::dump_thread(pid, t)?);
+        }
+        if let Some(first) = ths.first() {
+            let xs = from_hex(&first.xsave_hex)?;
+            xsave_size = xs.len() as u32;
+            if xs.len() >= 480 {
+                let m = u64::from_ne_bytes(xs[472..480].try_into().expect("8 bytes"));
+                xsave_mask |= m;
+            }
+        }
+        p.shared_pending = threads::shared_pending(tids[0])?;
+        p.vmas = mm::read_vmas(pid).with_context(|| format!("{pid}: reading mappings"))?;
+
+        let mut par = Parasite::inject(pid, &tids).with_context(|| format!("{pid}: injecting the parasite"))?;
+        p.sigactions = par.sigactions().with_context(|| format!("{pid}: reading signal handlers"))?;
+        p.itimers = par.itimers().with_context(|| format!("{pid}: reading itimers"))?;
+        for (th, &t) in ths.iter_mut().zip(&tids) {
+            let (ss, ctid) = par.thread_misc(t).with_context(|| format!("{pid} {t}: sigaltstack/tid address"))?;
+            th.sigaltstack = ss;
+            th.clear_child_tid = ctid;
+        }
+        p.mm.brk = par.syscall(tids[0], libc::SYS_brk, [0; 6])? as u64;
+        p.dumpable = par.syscall(tids[0], libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0])? as i32;
+        p.threads = ths;
+
+        // Descriptors: taken over SCM_RIGHTS, described kind by kind.
+        let fds = kinds::list_fds(pid)?;
+        let taken = par.take_fds(&fds).with_context(|| format!("{pid}: taking descriptors"))?;
+        let pairs: Vec<_> = fds.into_iter().zip(taken).collect();
+        p.fds = fctx.dump_fds(pid, &pairs)?;
+        drop(pairs);
+
+        // Memory.
+        let mut map: Vec<(u64, PageHash)> = Vec::new();
+        let mut plan = Vec::new();
+        for vma in &p.vmas {
+            let ranges = mm::dump_ranges(pid, vma)?;
+            if !ranges.is_empty() {
+                plan.push((vma, ranges));
+            }
+        }
+        let bytes: usize = plan.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
+        total_pages += (bytes / PAGE_SIZE) as u64;
+        let mut prog = Progress::new("dump", bytes as u64);
+        for (vma, ranges) in plan {
+            let mut out: Vec<(u64, PageHash)> = Vec::new();
+            if vma.prot & libc::PROT_READ as u32 == 0 {
+                read_via_mem(pid, &ranges, &mut |addr, data| w.pages().add_pages(addr, data, &mut out))?;
+            } else {
+                let mut cur = RangeCursor::new(&ranges);
+                let pages = w.pages();
+                par.dump_pages(
+                    &ranges.iter().map(|&(a, l)| (RemoteAddr(a), l)).collect::<Vec<_>>(),
+                    &mut |chunk: &[u8]| {
+                        let mut off = 0;
+                        while off < chunk.len() {
+                            let (addr, take) = cur.next(chunk.len() - off)?;
+                            pages.add_pages(addr, &chunk[off..off + take], &mut out)?;
+                            off += take;
+                            prog.add(take as u64);
+                        }
+                        Ok(())
+                    },
+                )
+                .with_context(|| format!("{pid}: reading memory {:#x}-{:#x}", vma.start, vma.end))?;
+            }
+            if let VmaKind::SharedAnon { shmem_id, .. } = vma.kind {
+                let obj = shmem.entry(shmem_id).or_default();
+                for (addr, h) in out {
+                    obj.insert(vma.pgoff + (addr - vma.start), h);
+                }
+            } else {
+                map.extend(out);
+            }
+        }
+        prog.finish();
+        par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
+        map.sort_by_key(|e| e.0);
+        w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;
+        w.write_json(&format!("proc-{}.json", pid.0), &p)?;
+    }
+
+    for (id, obj) in &shmem {
+        let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
+        w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
+    }
+    let (files, blobs) = fctx.finish();
+    w.write_json("files.json", &files)?;
+    for (name, data) in blobs {
+        w.write_bytes(&name, &data)?;
+    }
+    let mut features = vec!["parasite".to_string()];
+    if a.compress {
+        features.push("zstd".into());
+    }
+    if a.shell_job {
+        features.push("shell-job".into());
+    }
+    let inv = Inventory {
+        format_version: FORMAT_VERSION,
+        arch: "x86_64".into(),
+        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        xsave_mask,
+        xsave_size,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        roots: roots.iter().map(|p| p.0).collect(),
+        pids: seized.pids.iter().map(|p| p.0).collect(),
+        features,
+        memory_bytes: total_pages * PAGE_SIZE as u64,
+        parent: None,
+    };
+    w.finish(inv)?;
+
+    if a.leave_running {
+        resume_in_place(&seized)?;
+    } else {
+        seized.kill_all();
+    }
+    let summary = serde_json::json!({
+        "images_dir": a.dir,
+        "pids": seized.pids.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "memory_bytes": total_pages * PAGE_SIZE as u64,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "left_running": a.leave_running,
+    });
+    drop(seized);
+    if a.json {
+        println!("{summary}");
+    }
+    Ok(())
+}
+
+/// The wait status a zombie's parent will read: /proc/PID/stat exit_code.
+fn zombie_status(p: &ProcessImage) -> i32 {
+    match p.state {
+        ProcState::Zombie { wait_status } => wait_status,
+        ProcState::Alive => 0,
+    }
+}
+
+/// Before detaching, redo what the kernel would have done for a thread
+/// stopped inside a system call: the parasite's last system call leaves the
+/// thread in a syscall-exit stop, from which the kernel does not restart.
+fn resume_in_place(s: &seize::Seized) -> Result<()> {
+    for ts in s.threads.values() {
+        for &t in ts {
+            let mut r = crate::sys::ptrace::get_regs(t)?;
+            let before = (r.rax, r.rip);
+            threads::adjust_restart(&mut r, false);
+            if (r.rax, r.rip) != before {
+                crate::sys::ptrace::set_regs(t, &r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Walks the ranges to tell the address of each byte of the stream the
+/// parasite sends, which carries the ranges back to back.
+struct RangeCursor<'a> {
+    ranges: &'a [(u64, usize)],
+    i: usize,
+    off: usize,
+}
+
+impl<'a> RangeCursor<'a> {
+    fn new(ranges: &'a [(u64, usize)]) -> Self {
+        RangeCursor { ranges, i: 0, off: 0 }
+    }
+    /// Address of the next byte and how many bytes (<= max) are contiguous.
+    fn next(&mut self, max: usize) -> Result<(u64, usize)> {
+        while self.i < self.ranges.len() && self.off == self.ranges[self.i].1 {
+            self.i += 1;
+            self.off = 0;
+        }
+        let Some(&(a, l)) = self.ranges.get(self.i) else {
+            bail!("the parasite sent more memory than was asked for");
+        };
+        let take = max.min(l - self.off);
+        let addr = a + self.off as u64;
+        self.off += take;
+        Ok((addr, take))
+    }
+}
+
+/// Pages of mappings the process cannot read itself (PROT_NONE and the
+/// like) come through /proc/PID/mem, which may read them.
+fn read_via_mem(pid: Pid, ranges: &[(u64, usize)], f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+    let path = format!("/proc/{}/mem", pid.0);
+    let mem = std::fs::File::open(&path).with_context(|| format!("{pid}: opening {path}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for &(a, l) in ranges {
+        let mut off = 0;
+        while off < l {
+            let n = (l - off).min(buf.len());
+            mem.read_exact_at(&mut buf[..n], a + off as u64)
+                .with_context(|| format!("{pid}: reading {:#x} through {path}", a + off as u64))?;
+            f(a + off as u64, &buf[..n])?;
+            off += n;
+        }
+    }
+    Ok(())
+}
+

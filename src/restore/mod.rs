@@ -1,3 +1,307 @@
-//! `snap restore`. (stub)
-use anyhow::Result;
-pub fn run(a: &crate::cli::RestoreArgs) -> Result<i32> { let _ = a; todo!() }
+//! `snap restore`: rebuild the trees with their exact PIDs and put every
+//! process's state back. The stages, in order, and why there:
+//!
+//! 1. Load and validate the image (before anything is created).
+//! 2. Wait for the saved PIDs to be free (a just-dumped tree's zombies are
+//!    reaped slowly here); fail naming a PID that stays taken.
+//! 3. Build the pool: open file descriptions, mapped files, shared memory,
+//!    the control area — in snap, so every fork inherits them.
+//! 4. Fork the trees (`tree.rs`): parents before children, each with clone3
+//!    set_tid; each sets up its session, fds, cwd, limits, and waits.
+//! 5. Seize every process; process groups (leaders first, all exist now).
+//! 6. Per process, remotely: address space (`memory.rs`), threads, signal
+//!    handlers and timers, per-thread state, pending signals, credentials
+//!    (last: they drop the privileges the earlier steps need), pool fds
+//!    closed, control area unmapped, registers.
+//! 7. Release everything together.
+//! A failure at any stage kills every process created so far (the guard):
+//! nothing is left half-restored.
+
+pub mod memory;
+pub mod pool;
+pub mod remote;
+pub mod task;
+pub mod tree;
+
+use crate::cli::RestoreArgs;
+use crate::images::records::{FilesImage, ProcState, ProcessImage};
+use crate::images::ImageReader;
+use crate::types::Tid;
+use anyhow::{bail, Context, Result};
+use nix::sys::wait::{waitpid, WaitStatus};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+pub struct Plan {
+    pub procs: BTreeMap<i32, ProcessImage>,
+    pub files: FilesImage,
+    pub roots: Vec<i32>,
+}
+
+/// Kills every process this restore created unless disarmed: a plan PID
+/// whose process started after `since` (clock ticks since boot), so a
+/// process that merely holds a saved PID is never touched.
+struct Created {
+    pids: Vec<i32>,
+    since: u64,
+    armed: bool,
+}
+
+fn start_ticks(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime); fields after the comm start at field 3.
+    s[s.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+fn now_ticks() -> u64 {
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    ((up * hz) as u64).saturating_sub(1)
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for &p in &self.pids {
+            if start_ticks(p).is_some_and(|t| t >= self.since) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn load(img: &ImageReader) -> Result<Plan> {
+    let inv = img.inventory();
+    let mut procs = BTreeMap::new();
+    for &pid in &inv.pids {
+        let p: ProcessImage = img.read_json(&format!("proc-{pid}.json"))?;
+        if p.pid != pid {
+            bail!("proc-{pid}.json describes pid {} (damaged image)", p.pid);
+        }
+        procs.insert(pid, p);
+    }
+    for p in procs.values() {
+        for c in &p.children {
+            if !procs.contains_key(c) {
+                bail!("pid {}: child {c} has no record in the image", p.pid);
+            }
+        }
+        if let ProcState::Alive = p.state {
+            if p.threads.is_empty() {
+                bail!("pid {}: no threads in the image", p.pid);
+            }
+        }
+    }
+    let files: FilesImage = img.read_json("files.json")?;
+    Ok(Plan { procs, files, roots: inv.roots.clone() })
+}
+
+fn pid_owner(pid: i32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let comm = s.find('(').zip(s.rfind(')')).map(|(a, b)| s[a + 1..b].to_string()).unwrap_or_default();
+    let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()).unwrap_or("?").to_string();
+    Some(format!("{comm}, state {state}"))
+}
+
+/// A killed tree's PIDs stay taken until its zombies are reaped.
+fn wait_pids_free(plan: &Plan) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &pid in plan.procs.keys() {
+        loop {
+            match pid_owner(pid) {
+                None => break,
+                Some(who) if Instant::now() > deadline => {
+                    bail!("pid {pid} is still taken on this host by another process ({who}); use --pidns to restore into a new pid namespace")
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_ready(pool: &pool::Pool, n: usize) -> Result<()> {
+    let mut got = 0;
+    let mut buf = [0u8; tree::RECORD];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < n {
+        let mut fds = [nix::poll::PollFd::new(
+            unsafe_fd(pool.ready_r),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("restored processes did not get ready within 60 s ({got} of {n})");
+        }
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX))
+            .context("waiting for restored processes")?;
+        match nix::unistd::read(pool.ready_r, &mut buf) {
+            Ok(0) => bail!("every restored process exited before getting ready ({got} of {n} ready)"),
+            Ok(k) if k == tree::RECORD => {
+                let (pid, _host, status, msg) = tree::decode(&buf);
+                if status != 0 {
+                    bail!("restoring pid {pid}: {msg}");
+                }
+                got += 1;
+            }
+            Ok(k) => bail!("short record ({k} bytes) on the ready pipe"),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => bail!("reading the ready pipe: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn unsafe_fd(fd: i32) -> std::os::fd::BorrowedFd<'static> {
+    crate::sys::borrow_fd(fd)
+}
+
+pub fn run(a: &RestoreArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    if a.pidns {
+        bail!("--pidns is not implemented yet");
+    }
+    // 1. Load and validate.
+    let img = ImageReader::open(&a.dir)?;
+    let plan = load(&img)?;
+    let store = img.pages()?;
+    // 2. PIDs.
+    wait_pids_free(&plan)?;
+    // 3. Pool.
+    let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
+    // 4. Fork the trees.
+    let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: true };
+    let live: Vec<i32> =
+        plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
+    let mut middle = None;
+    if a.detached {
+        // An intermediate process creates the roots and exits, so they are
+        // reparented to init (or our subreaper) like daemons.
+        let m = crate::sys::clone::fork_with_pid(0).context("fork")?;
+        if m == 0 {
+            let mut code = 0;
+            for &r in &plan.roots {
+                if let Err(e) = tree::spawn(&plan, &pool, r) {
+                    let msg = tree::encode(r, r, 1, &format!("{e:#}"));
+                    let _ = crate::sys::process::write_raw(pool.ready_w, &msg);
+                    code = 1;
+                    break;
+                }
+            }
+            crate::sys::process::exit_now(code);
+        }
+        middle = Some(m);
+    } else {
+        for &r in &plan.roots {
+            tree::spawn(&plan, &pool, r)?;
+        }
+    }
+    pool.close_ready_writer();
+    let ready = wait_ready(&pool, live.len());
+    if let Some(m) = middle {
+        let _ = waitpid(nix::unistd::Pid::from_raw(m), None);
+    }
+    ready?;
+
+    // 5. Seize; process groups.
+    let mut threads: BTreeMap<i32, Vec<Tid>> = BTreeMap::new();
+    let mut attached: Vec<Tid> = Vec::new();
+    let detach_all = |v: &Vec<Tid>| {
+        for &t in v {
+            let _ = nix::sys::ptrace::detach(t.nix(), None);
+        }
+    };
+    let res = (|| -> Result<()> {
+        for &pid in &live {
+            task::seize(Tid(pid)).with_context(|| format!("pid {pid}: seizing the restored process"))?;
+            attached.push(Tid(pid));
+        }
+        let mut order: Vec<&ProcessImage> = live.iter().map(|p| &plan.procs[p]).collect();
+        order.sort_by_key(|p| p.pgid != p.pid);
+        for p in order {
+            if !plan.procs.contains_key(&p.pgid) {
+                continue; // group outside the image: keep the inherited one
+            }
+            let mut r = remote::Remote { host: p.pid, tid: Tid(p.pid), ctl: pool.ctl };
+            r.call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])
+                .with_context(|| format!("pid {}: joining process group {}", p.pid, p.pgid))?;
+        }
+        // 6. Each process.
+        for &pid in &live {
+            let p = &plan.procs[&pid];
+            let mut r = remote::Remote { host: pid, tid: Tid(pid), ctl: pool.ctl };
+            memory::replace(&mut r, p, &pool, &img, &store)?;
+            let tids = task::create_threads(&mut r, p, &pool)?;
+            attached.extend(tids.iter().skip(1));
+            threads.insert(pid, tids.clone());
+            task::process_signals(&mut r, p, &pool)?;
+            for (th, &t) in p.threads.iter().zip(&tids) {
+                let mut rt = r.on(t);
+                task::thread_state(&mut rt, th, &pool)?;
+            }
+            task::pending(&mut r, p, &pool)?;
+            for &t in &tids {
+                let mut rt = r.on(t);
+                task::creds(&mut rt, &p.creds, p.no_new_privs, &pool)
+                    .with_context(|| format!("pid {pid} tid {}: credentials", t.0))?;
+            }
+            r.call(libc::SYS_close_range, [pool.base as u64, u32::MAX as u64, 0, 0, 0, 0])
+                .with_context(|| format!("pid {pid}: closing snap's descriptors"))?;
+            r.call(libc::SYS_prctl, [libc::PR_SET_DUMPABLE as u64, p.dumpable.max(0) as u64, 0, 0, 0, 0])
+                .with_context(|| format!("pid {pid}: PR_SET_DUMPABLE"))?;
+            for (th, &t) in p.threads.iter().zip(&tids).skip(1) {
+                task::final_regs(t, th)?;
+            }
+            r.call_keep(libc::SYS_munmap, [pool.ctl, pool::CTL_MAPPED as u64, 0, 0, 0, 0])
+                .with_context(|| format!("pid {pid}: unmapping the control area"))?;
+            task::final_regs(Tid(pid), &p.threads[0])?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        detach_all(&attached);
+        return Err(e);
+    }
+    // 7. Release everything together.
+    created.armed = false;
+    detach_all(&attached);
+    drop(pool);
+
+    if let Some(f) = &a.pidfile {
+        std::fs::write(f, format!("{}\n", plan.roots[0])).with_context(|| format!("writing {}", f.display()))?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"pids": plan.procs.keys().collect::<Vec<_>>(), "roots": plan.roots, "seconds": t0.elapsed().as_secs_f64()})
+        );
+    }
+    if a.detached {
+        return Ok(0);
+    }
+    // Stay the parent of the roots; exit with the first root's status.
+    let mut code = 0;
+    for (i, &r) in plan.roots.iter().enumerate() {
+        let st = loop {
+            match waitpid(nix::unistd::Pid::from_raw(r), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        let c = match st {
+            Ok(WaitStatus::Exited(_, c)) => c,
+            Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
+            _ => 0,
+        };
+        if i == 0 {
+            code = c;
+        }
+    }
+    Ok(code)
+}

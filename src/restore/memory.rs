@@ -1,0 +1,190 @@
+//! Replacing a restored process's address space, driven from outside with
+//! remote system calls through the control area: unmap everything snap left
+//! there, move the vDSO and vvar to their saved addresses, map every saved
+//! mapping, fill memory from the page store, put protections back, then the
+//! mm fields with PR_SET_MM_MAP.
+
+use super::pool::{Pool, CTL_LEN};
+use super::remote::Remote;
+use crate::images::records::{ProcessImage, VmaKind};
+use crate::images::{ImageReader, PageStoreReader};
+use crate::types::{RemoteAddr, PAGE_SIZE};
+use anyhow::{bail, Context, Result};
+
+struct CurVma {
+    start: u64,
+    end: u64,
+    name: String,
+}
+
+fn current_maps(pid: i32) -> Result<Vec<CurVma>> {
+    let path = format!("/proc/{pid}/maps");
+    let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut v = Vec::new();
+    for l in s.lines() {
+        let mut it = l.split_whitespace();
+        let r = it.next().unwrap_or("");
+        let name = it.nth(4).unwrap_or("").to_string();
+        if let Some((a, b)) = r.split_once('-') {
+            v.push(CurVma {
+                start: u64::from_str_radix(a, 16).with_context(|| format!("bad line in {path}: {l}"))?,
+                end: u64::from_str_radix(b, 16).with_context(|| format!("bad line in {path}: {l}"))?,
+                name,
+            });
+        }
+    }
+    Ok(v)
+}
+
+fn is_special(name: &str) -> bool {
+    matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]")
+}
+
+pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader, store: &PageStoreReader) -> Result<()> {
+    let pid = p.pid;
+    let cur = current_maps(r.host)?;
+
+    // 1. Unmap everything but the control area, the kernel's special
+    //    mappings (moved below) and [vsyscall] (fixed, cannot be unmapped).
+    for v in &cur {
+        if v.start >= pool.ctl && v.end <= pool.ctl + CTL_LEN || is_special(&v.name) || v.name == "[vsyscall]" {
+            continue;
+        }
+        r.call(libc::SYS_munmap, [v.start, v.end - v.start, 0, 0, 0, 0])
+            .with_context(|| format!("pid {pid}: unmapping {:#x}-{:#x} {}", v.start, v.end, v.name))?;
+    }
+
+    // 2. vDSO and vvar: same kernel, same layout; move each to its saved
+    //    address, through a parking place in the control area so moves
+    //    cannot overlap each other.
+    let saved: Vec<_> = p
+        .vmas
+        .iter()
+        .filter_map(|v| match &v.kind {
+            VmaKind::Special { name } => Some((name.clone(), v.start, v.end)),
+            _ => None,
+        })
+        .collect();
+    let mut parked = Vec::new();
+    let mut park = pool.ctl + (1 << 20);
+    for v in cur.iter().filter(|v| is_special(&v.name)) {
+        let Some(&(_, s, e)) = saved.iter().find(|x| x.0 == v.name) else {
+            bail!(
+                "pid {pid}: this kernel has {} but the image does not (dumped on another kernel; vDSO relocation is not supported yet)",
+                v.name
+            );
+        };
+        if e - s != v.end - v.start {
+            bail!(
+                "pid {pid}: {} is {} bytes here but {} in the image (another kernel's vDSO layout; not supported yet)",
+                v.name,
+                v.end - v.start,
+                e - s
+            );
+        }
+        r.call(libc::SYS_mremap, [v.start, v.end - v.start, v.end - v.start, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, park, 0])
+            .with_context(|| format!("pid {pid}: moving {}", v.name))?;
+        parked.push((park, s, e, v.name.clone()));
+        park += v.end - v.start;
+    }
+    for (name, _, _) in &saved {
+        if !parked.iter().any(|x| &x.3 == name) {
+            bail!("pid {pid}: the image has {name} but this kernel does not (another kernel; not supported yet)");
+        }
+    }
+
+    // 3. Every saved mapping, writable for now where pages must be written.
+    let map = img.pagemap(&format!("pagemap-{pid}.bin"))?;
+    let has_pages = |s: u64, e: u64| {
+        let i = map.partition_point(|x| x.0 < s);
+        i < map.len() && map[i].0 < e
+    };
+    let mut reprotect = Vec::new();
+    for v in &p.vmas {
+        let len = v.end - v.start;
+        let mut prot = v.prot as u64;
+        let (flags, fd, off) = match &v.kind {
+            VmaKind::Special { .. } | VmaKind::Vsyscall => continue,
+            VmaKind::Anon => {
+                let mut f = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+                if v.growsdown {
+                    f |= libc::MAP_GROWSDOWN;
+                }
+                (f, u64::MAX, 0)
+            }
+            VmaKind::File { file } => {
+                let write = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                let fd = pool
+                    .map_fd(&file.path, write)
+                    .with_context(|| format!("pid {pid}: {} not opened for mapping", file.path))?;
+                let sh = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                (sh | libc::MAP_FIXED, fd as u64, v.pgoff)
+            }
+            VmaKind::SharedAnon { shmem_id, .. } => {
+                let fd = pool.shmem_fd(*shmem_id).with_context(|| format!("pid {pid}: shared memory {shmem_id} missing"))?;
+                (libc::MAP_SHARED | libc::MAP_FIXED, fd as u64, v.pgoff)
+            }
+        };
+        if !v.shared && prot & libc::PROT_WRITE as u64 == 0 && has_pages(v.start, v.end) {
+            prot |= (libc::PROT_WRITE | libc::PROT_READ) as u64;
+            reprotect.push((v.start, len, v.prot as u64));
+        }
+        r.call(libc::SYS_mmap, [v.start, len, prot, flags as u64, fd, off]).with_context(|| {
+            format!("pid {pid}: mapping {:#x}-{:#x} ({:?})", v.start, v.end, v.kind)
+        })?;
+    }
+    // Parked specials to their saved homes (their old place is free now).
+    for (from, s, e, name) in parked {
+        if from != s {
+            r.call(libc::SYS_mremap, [from, e - s, e - s, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, s, 0])
+                .with_context(|| format!("pid {pid}: moving {name} to {s:#x}"))?;
+        }
+    }
+
+    // 4. Memory contents, in runs that are contiguous both in the target and
+    //    in the page store (a fresh dump stores pages in address order).
+    let mut iov: Vec<(RemoteAddr, &[u8])> = Vec::new();
+    for &(addr, h) in &map {
+        let page = store.page(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
+        if let Some(last) = iov.last_mut() {
+            let contiguous_remote = last.0 .0 + last.1.len() as u64 == addr;
+            let contiguous_local = last.1.as_ptr() as usize + last.1.len() == page.as_ptr() as usize;
+            if contiguous_remote && contiguous_local {
+                // SAFETY-free widening: both slices come from the same store
+                // buffer and are adjacent, so the union is one valid slice.
+                last.1 = store.span(last.1, page.len());
+                continue;
+            }
+        }
+        iov.push((RemoteAddr(addr), page));
+    }
+    crate::parasite::remote::write_mem_iov(crate::types::Pid(r.host), &iov)
+        .with_context(|| format!("pid {pid}: writing {} pages of memory", map.len()))?;
+    let _ = PAGE_SIZE;
+
+    // 5. Protections as they were.
+    for (s, len, prot) in reprotect {
+        r.call(libc::SYS_mprotect, [s, len, prot, 0, 0, 0]).with_context(|| format!("pid {pid}: mprotect {s:#x}"))?;
+    }
+
+    // 6. The mm fields: code/data/brk/stack/arg/env boundaries, auxv, exe.
+    let m = &p.mm;
+    let mut auxv: Vec<u64> = m.auxv.iter().flat_map(|&(k, v)| [k, v]).collect();
+    auxv.extend([0, 0]);
+    let aux_bytes: Vec<u8> = auxv.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    let exe_fd = pool.map_fd(&p.exe, false).map(|f| f as u32).unwrap_or(u32::MAX);
+    let words = [
+        m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack, m.arg_start, m.arg_end,
+        m.env_start, m.env_end,
+    ];
+    let auxv_addr = pool.scratch() + 1024;
+    let mut st: Vec<u8> = words.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    st.extend(auxv_addr.to_ne_bytes());
+    st.extend((aux_bytes.len() as u32).to_ne_bytes());
+    st.extend(exe_fd.to_ne_bytes());
+    r.write(pool.scratch(), &st)?;
+    r.write(auxv_addr, &aux_bytes)?;
+    r.call(libc::SYS_prctl, [libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, pool.scratch(), st.len() as u64, 0, 0])
+        .with_context(|| format!("pid {pid}: PR_SET_MM_MAP (brk {:#x}, exe {})", m.brk, p.exe))?;
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Threads, signals, timers, credentials and registers of a restored
+//! process, put back with remote system calls and ptrace.
+
+use super::pool::Pool;
+use super::remote::Remote;
+use crate::dump::threads::words_to_regs;
+use crate::images::records::{from_hex, Creds, ProcessImage, SigInfo, ThreadImage};
+use crate::sys::ptrace as pt;
+use crate::types::Tid;
+use anyhow::{bail, Context, Result};
+use nix::sys::ptrace;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+/// Seize a thread of a restored process and bring it to a ptrace stop.
+pub fn seize(tid: Tid) -> Result<()> {
+    ptrace::seize(tid.nix(), ptrace::Options::PTRACE_O_TRACESYSGOOD).with_context(|| format!("{tid}: PTRACE_SEIZE"))?;
+    ptrace::interrupt(tid.nix()).with_context(|| format!("{tid}: PTRACE_INTERRUPT"))?;
+    loop {
+        match waitpid(tid.nix(), Some(WaitPidFlag::__WALL)).with_context(|| format!("{tid}: waitpid"))? {
+            WaitStatus::PtraceEvent(..) => return Ok(()),
+            WaitStatus::Stopped(_, sig) => {
+                // Nothing of ours sends signals here; pass it on.
+                ptrace::cont(tid.nix(), Some(sig))?;
+            }
+            s => bail!("{tid}: unexpected state {s:?} while seizing a restored thread"),
+        }
+    }
+}
+
+/// Create the other threads with their exact TIDs (remote clone3 with
+/// set_tid on the leader). Each new thread spins on the control area's
+/// `jmp .` until it is seized here.
+pub fn create_threads(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<Vec<Tid>> {
+    let mut out = vec![r.tid];
+    for t in p.threads.iter().skip(1) {
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        let set_tid = pool.scratch() + 512;
+        let args: [u64; 11] = [flags, 0, 0, 0, 0, 0, 0, 0, set_tid, 1, 0];
+        let bytes: Vec<u8> = args.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        r.write(pool.scratch(), &bytes)?;
+        r.write(set_tid, &t.tid.to_ne_bytes())?;
+        let new = r
+            .call(libc::SYS_clone3, [pool.scratch(), bytes.len() as u64, 0, 0, 0, 0])
+            .with_context(|| format!("pid {}: creating thread {}", p.pid, t.tid))? as i32;
+        let tid = Tid(new);
+        seize(tid).with_context(|| format!("pid {}: seizing new thread {}", p.pid, t.tid))?;
+        out.push(tid);
+    }
+    Ok(out)
+}
+
+/// Signal handlers and interval timers (process-wide).
+pub fn process_signals(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()> {
+    for (i, a) in p.sigactions.iter().enumerate() {
+        let sig = i as u64 + 1;
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        let b: Vec<u8> = [a.handler, a.flags, a.restorer, a.mask].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        r.write(pool.scratch(), &b)?;
+        r.call(libc::SYS_rt_sigaction, [sig, pool.scratch(), 0, 8, 0, 0])
+            .with_context(|| format!("pid {}: restoring the handler of signal {sig}", p.pid))?;
+    }
+    let it = &p.itimers;
+    for (which, v) in [(libc::ITIMER_REAL, it.real), (libc::ITIMER_VIRTUAL, it.virt), (libc::ITIMER_PROF, it.prof)] {
+        if v.value_us == 0 && v.interval_us == 0 {
+            continue;
+        }
+        let w = [v.interval_us / 1_000_000, v.interval_us % 1_000_000, v.value_us / 1_000_000, v.value_us % 1_000_000];
+        let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        r.write(pool.scratch(), &b)?;
+        r.call(libc::SYS_setitimer, [which as u64, pool.scratch(), 0, 0, 0, 0])
+            .with_context(|| format!("pid {}: setitimer {which}", p.pid))?;
+    }
+    Ok(())
+}
+
+/// Per-thread kernel state only the thread can set on itself.
+pub fn thread_state(r: &mut Remote, th: &ThreadImage, pool: &Pool) -> Result<()> {
+    let who = format!("tid {}", th.tid);
+    if th.robust_list != 0 {
+        r.call(libc::SYS_set_robust_list, [th.robust_list, th.robust_list_len, 0, 0, 0, 0])
+            .with_context(|| format!("{who}: set_robust_list"))?;
+    }
+    if let Some(rs) = &th.rseq {
+        r.call(libc::SYS_rseq, [rs.ptr, rs.len as u64, 0, rs.sig as u64, 0, 0]).with_context(|| format!("{who}: rseq"))?;
+    }
+    r.call(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0])
+        .with_context(|| format!("{who}: set_tid_address"))?;
+    let ss = &th.sigaltstack;
+    if ss.flags & libc::SS_DISABLE == 0 && ss.size != 0 {
+        let flags = (ss.flags & !libc::SS_ONSTACK) as u64;
+        let b: Vec<u8> = [ss.sp, flags, ss.size].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        r.write(pool.scratch(), &b)?;
+        r.call(libc::SYS_sigaltstack, [pool.scratch(), 0, 0, 0, 0, 0]).with_context(|| format!("{who}: sigaltstack"))?;
+    }
+    let mut name = th.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    r.write(pool.scratch(), &name)?;
+    r.call(libc::SYS_prctl, [libc::PR_SET_NAME as u64, pool.scratch(), 0, 0, 0, 0])
+        .with_context(|| format!("{who}: setting the name {:?}", th.comm))?;
+    Ok(())
+}
+
+fn queue(r: &mut Remote, pool: &Pool, tgid: i32, tid: Option<i32>, s: &SigInfo) -> Result<()> {
+    let raw = from_hex(&s.raw_hex)?;
+    if raw.len() != 128 {
+        bail!("siginfo of signal {} has {} bytes, expected 128", s.signo, raw.len());
+    }
+    r.write(pool.scratch(), &raw)?;
+    match tid {
+        Some(t) => r.call(libc::SYS_rt_tgsigqueueinfo, [tgid as u64, t as u64, s.signo as u64, pool.scratch(), 0, 0]),
+        None => r.call(libc::SYS_rt_sigqueueinfo, [tgid as u64, s.signo as u64, pool.scratch(), 0, 0, 0]),
+    }
+    .with_context(|| format!("pid {tgid}: queueing pending signal {}", s.signo))?;
+    Ok(())
+}
+
+/// Pending signals, queued from inside so their siginfo is kept as is.
+pub fn pending(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()> {
+    for s in &p.shared_pending {
+        queue(r, pool, p.pid, None, s)?;
+    }
+    for th in &p.threads {
+        for s in &th.pending {
+            queue(r, pool, p.pid, Some(th.tid), s)?;
+        }
+    }
+    Ok(())
+}
+
+/// Credentials of one thread, in the only order that works: bounding set
+/// (needs CAP_SETPCAP), groups and gids, uids keeping capabilities, fs ids,
+/// then the capability sets themselves and the ambient set.
+pub fn creds(r: &mut Remote, c: &Creds, no_new_privs: bool, pool: &Pool) -> Result<()> {
+    let last_cap: u64 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    for cap in 0..=last_cap {
+        if c.cap_bnd & (1 << cap) == 0 {
+            r.call(libc::SYS_prctl, [libc::PR_CAPBSET_DROP as u64, cap, 0, 0, 0, 0])
+                .with_context(|| format!("dropping capability {cap} from the bounding set"))?;
+        }
+    }
+    let g: Vec<u8> = c.groups.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    r.write(pool.scratch(), &g)?;
+    r.call(libc::SYS_setgroups, [c.groups.len() as u64, pool.scratch(), 0, 0, 0, 0]).context("setgroups")?;
+    r.call(libc::SYS_setresgid, [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0]).context("setresgid")?;
+    r.call(libc::SYS_prctl, [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0]).context("PR_SET_KEEPCAPS")?;
+    r.call(libc::SYS_setresuid, [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0]).context("setresuid")?;
+    r.call(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0]).context("setfsgid")?;
+    r.call(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0]).context("setfsuid")?;
+    // capset: header {version 3, pid 0}, then two {effective, permitted, inheritable} words.
+    let mut b = Vec::new();
+    b.extend(0x2008_0522u32.to_ne_bytes());
+    b.extend(0i32.to_ne_bytes());
+    for half in [0, 32] {
+        for v in [c.cap_eff, c.cap_prm, c.cap_inh] {
+            b.extend(((v >> half) as u32).to_ne_bytes());
+        }
+    }
+    r.write(pool.scratch(), &b)?;
+    r.call(libc::SYS_capset, [pool.scratch(), pool.scratch() + 8, 0, 0, 0, 0]).context("capset")?;
+    r.call(libc::SYS_prctl, [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0, 0]).context("PR_SET_KEEPCAPS")?;
+    for cap in 0..=last_cap {
+        if c.cap_amb & (1 << cap) != 0 {
+            r.call(libc::SYS_prctl, [libc::PR_CAP_AMBIENT as u64, libc::PR_CAP_AMBIENT_RAISE as u64, cap, 0, 0, 0])
+                .with_context(|| format!("raising ambient capability {cap}"))?;
+        }
+    }
+    if no_new_privs {
+        r.call(libc::SYS_prctl, [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0]).context("PR_SET_NO_NEW_PRIVS")?;
+    }
+    Ok(())
+}
+
+/// The saved signal mask, FPU/vector state and registers: the very last
+/// thing before the thread is let go.
+pub fn final_regs(tid: Tid, th: &ThreadImage) -> Result<()> {
+    pt::set_sigmask(tid, th.sigmask).with_context(|| format!("{tid}: signal mask"))?;
+    let xs = from_hex(&th.xsave_hex)?;
+    pt::set_xstate(tid, &xs).with_context(|| format!("{tid}: XSAVE area ({} bytes)", xs.len()))?;
+    let mut regs = words_to_regs(&th.regs)?;
+    regs.orig_rax = u64::MAX;
+    pt::set_regs(tid, &regs).with_context(|| format!("{tid}: registers"))?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Replaying the tree: code that runs inside every restored process while it
+//! is still a forked copy of snap. Each process sets up what is easiest from
+//! inside (session, children with their exact PIDs, fd table, cwd, umask,
+//! rlimits, personality, scheduling), reports ready and waits to be seized;
+//! its address space, threads and registers are replaced remotely afterwards
+//! (`memory.rs`, `task.rs`).
+
+use super::pool::Pool;
+use super::Plan;
+use crate::images::records::{ProcState, ProcessImage};
+use crate::sys::clone::fork_with_pid;
+use anyhow::{bail, Context, Result};
+use std::os::fd::RawFd;
+
+/// One record on the ready pipe: fixed size, so writes are atomic.
+pub const RECORD: usize = 512;
+
+pub fn encode(pid: i32, host_pid: i32, status: i32, msg: &str) -> [u8; RECORD] {
+    let mut b = [0u8; RECORD];
+    b[0..4].copy_from_slice(&pid.to_ne_bytes());
+    b[4..8].copy_from_slice(&host_pid.to_ne_bytes());
+    b[8..12].copy_from_slice(&status.to_ne_bytes());
+    let m = msg.as_bytes();
+    let n = m.len().min(RECORD - 12);
+    b[12..12 + n].copy_from_slice(&m[..n]);
+    b
+}
+
+pub fn decode(b: &[u8]) -> (i32, i32, i32, String) {
+    let i = |o: usize| i32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let msg = String::from_utf8_lossy(&b[12..]).trim_end_matches('\0').to_string();
+    (i(0), i(4), i(8), msg)
+}
+
+fn report(fd: RawFd, rec: &[u8; RECORD]) {
+    // A short write cannot happen for <= PIPE_BUF bytes on a blocking pipe.
+    let _ = crate::sys::process::write_raw(fd, rec);
+}
+
+/// Our PID as the host sees it (differs from getpid() inside --pidns).
+fn host_pid() -> i32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or_else(|| std::process::id() as i32)
+}
+
+/// Create process `pid` of the image as a child of the calling process.
+/// Returns in the parent with the child's PID (in our namespace).
+pub fn spawn(plan: &Plan, pool: &Pool, pid: i32) -> Result<i32> {
+    let p = plan.procs.get(&pid).with_context(|| format!("pid {pid}: no record in the image"))?;
+    let child = fork_with_pid(pid).map_err(|e| match e {
+        nix::errno::Errno::EEXIST => anyhow::anyhow!("pid {pid} ({}): the PID is taken on this host", p.comm),
+        e => anyhow::anyhow!("pid {pid} ({}): clone3 with set_tid failed: {e}", p.comm),
+    })?;
+    if child != 0 {
+        return Ok(child);
+    }
+    // In the child from here on: never return.
+    let code = match &p.state {
+        ProcState::Zombie { wait_status } => become_zombie(*wait_status),
+        ProcState::Alive => match setup(plan, pool, p) {
+            Ok(()) => {
+                report(pool.ready_w, &encode(pid, host_pid(), 0, ""));
+                wait_forever(pool.go_r);
+                0
+            }
+            Err(e) => {
+                report(pool.ready_w, &encode(pid, host_pid(), 1, &format!("{e:#}")));
+                1
+            }
+        },
+    };
+    crate::sys::process::exit_now(code)
+}
+
+/// Exit with the saved wait status so the parent finds the same zombie.
+fn become_zombie(status: i32) -> i32 {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let r = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+        drop(r);
+        if let Ok(s) = nix::sys::signal::Signal::try_from(sig) {
+            crate::sys::process::default_signal(sig);
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(s);
+            let _ = set.thread_unblock();
+            let _ = nix::sys::signal::raise(s);
+        }
+        127
+    } else {
+        libc::WEXITSTATUS(status)
+    }
+}
+
+fn wait_forever(fd: RawFd) {
+    let mut b = [0u8; 1];
+    loop {
+        // Nobody writes: we are seized and interrupted here.
+        match nix::unistd::read(fd, &mut b) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Everything a process sets up itself, in this order: session (before
+/// children, who inherit it), children (parents before children), then the
+/// per-process attributes, fd table last (it may replace our stdio).
+fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
+    let pid = p.pid;
+    if p.sid == p.pid {
+        nix::unistd::setsid().with_context(|| format!("pid {pid}: setsid"))?;
+    }
+    let my_sid = nix::unistd::getsid(None).map(|s| s.as_raw()).unwrap_or(0);
+    for &c in &p.children {
+        let cp = plan.procs.get(&c).with_context(|| format!("pid {c}: child of {pid} missing from the image"))?;
+        if cp.sid != cp.pid && cp.sid != my_sid && plan.procs.contains_key(&cp.sid) {
+            bail!(
+                "pid {c}: session {} differs from its parent's ({my_sid}) and it is not a session leader; \
+                 this session layout is not supported yet",
+                cp.sid
+            );
+        }
+        spawn(plan, pool, c)?;
+    }
+    let ctx = |what: &str| format!("pid {pid} ({}): {what}", p.comm);
+    // Root first: chroot, then cwd relative to it.
+    if p.root != "/" {
+        nix::unistd::chroot(p.root.as_str()).with_context(|| ctx(&format!("chroot {}", p.root)))?;
+    }
+    nix::unistd::chdir(p.cwd.as_str()).with_context(|| ctx(&format!("chdir {}", p.cwd)))?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(p.umask));
+    for r in &p.rlimits {
+        let lim = libc::rlimit64 { rlim_cur: r.soft, rlim_max: r.hard };
+        crate::sys::process::prlimit_self(r.resource, &lim)
+            .with_context(|| ctx(&format!("setrlimit {} to {}/{}", r.resource, r.soft, r.hard)))?;
+    }
+    crate::sys::process::set_personality(p.personality).with_context(|| ctx("personality"))?;
+    crate::sys::process::set_nice(p.nice).with_context(|| ctx("setpriority"))?;
+    crate::sys::process::set_sched(p.sched.policy, p.sched.priority).with_context(|| ctx("sched_setscheduler"))?;
+    // The fd table: every descriptor at its number, inherited from the pool.
+    let mut keep = vec![false; pool.base as usize];
+    for f in &p.fds {
+        let src = pool.file_fd(f.file).with_context(|| ctx(&format!("fd {}: file {} not in the image", f.fd, f.file)))?;
+        nix::unistd::dup2(src, f.fd).with_context(|| ctx(&format!("dup2 onto fd {}", f.fd)))?;
+        let fl = if f.cloexec { nix::fcntl::FdFlag::FD_CLOEXEC } else { nix::fcntl::FdFlag::empty() };
+        nix::fcntl::fcntl(f.fd, nix::fcntl::FcntlArg::F_SETFD(fl)).with_context(|| ctx(&format!("fd {} flags", f.fd)))?;
+        if (f.fd as usize) < keep.len() {
+            keep[f.fd as usize] = true;
+        }
+    }
+    for (fd, k) in keep.iter().enumerate() {
+        if !k {
+            let _ = nix::unistd::close(fd as RawFd);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Small process-attribute wrappers used inside restored processes.
+
+use nix::errno::Errno;
+use std::os::fd::RawFd;
+
+fn check(r: libc::c_long) -> nix::Result<libc::c_long> {
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// setrlimit on ourselves (prlimit64 with pid 0).
+pub fn prlimit_self(resource: u32, lim: &libc::rlimit64) -> nix::Result<()> {
+    // SAFETY: `lim` is a valid rlimit64 for the duration of the call; the old
+    // limit pointer is NULL.
+    check(unsafe { libc::syscall(libc::SYS_prlimit64, 0, resource, lim as *const libc::rlimit64, 0usize) })?;
+    Ok(())
+}
+
+pub fn set_personality(p: u32) -> nix::Result<()> {
+    // SAFETY: personality takes a plain integer.
+    check(unsafe { libc::syscall(libc::SYS_personality, p as libc::c_ulong) })?;
+    Ok(())
+}
+
+pub fn set_nice(nice: i32) -> nix::Result<()> {
+    // SAFETY: plain integers.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } as libc::c_long)?;
+    Ok(())
+}
+
+pub fn set_sched(policy: u32, prio: u32) -> nix::Result<()> {
+    let param = libc::sched_param { sched_priority: prio as i32 };
+    // SAFETY: `param` outlives the call.
+    check(unsafe { libc::sched_setscheduler(0, policy as i32, &param) } as libc::c_long)?;
+    Ok(())
+}
+
+/// write(2) on a raw descriptor the caller knows is open.
+pub fn write_raw(fd: RawFd, b: &[u8]) -> nix::Result<usize> {
+    // SAFETY: `b` is a valid buffer of b.len() bytes.
+    check(unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) } as libc::c_long).map(|n| n as usize)
+}
+
+/// Leave now, without running anything of the snap process we were forked from.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no user-space state.
+    unsafe { libc::_exit(code) }
+}
+
+/// Reset a signal to its default action (used by a process about to die).
+pub fn default_signal(sig: i32) {
+    // SAFETY: SIG_DFL installs no handler of ours.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
+}
