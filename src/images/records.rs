@@ -173,7 +173,7 @@ pub struct FileId {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 /// One entry of the fd table.

@@ -67,7 +67,7 @@ impl Pool {
 pub fn check_file(pid: i32, f: &FileId) -> Result<()> {
     let path = f.path.trim_end_matches(" (deleted)");
     let m = std::fs::metadata(path).with_context(|| format!("pid {pid}: mapped file {path} is missing"))?;
-    let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
     let mut why = Vec::new();
     if m.ino() != f.ino || m.dev() != f.dev {
         why.push(format!("inode {}:{} became {}:{}", f.dev, f.ino, m.dev(), m.ino()));
