@@ -235,7 +235,60 @@ pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
         runs_from_entries(addr, &entries, keep, &mut out);
         done += n;
     }
+    if let VmaKind::SharedAnon { .. } = vma.kind {
+        // Pages of the object that only other processes touched have no
+        // entry in this process's page table: ask the object itself.
+        let data = shmem_data_ranges(pid, vma)
+            .with_context(|| format!("{pid}: shared memory {:#x}-{:#x}", vma.start, vma.end))?;
+        out = union_runs(out, data);
+    }
     Ok(out)
+}
+
+/// Ranges (as addresses in `vma`) where the shmem object behind a shared
+/// anonymous mapping has pages, from SEEK_DATA/SEEK_HOLE on map_files.
+fn shmem_data_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let mf = format!("/proc/{}/map_files/{:x}-{:x}", pid.0, vma.start, vma.end);
+    let f = File::open(&mf).with_context(|| format!("opening {mf}"))?;
+    let fd = f.as_raw_fd();
+    let (lo, hi) = (vma.pgoff, vma.pgoff + (vma.end - vma.start));
+    let mut out = Vec::new();
+    let mut off = lo;
+    while off < hi {
+        let d = match lseek(fd, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break, // no data after off
+            Err(e) => return Err(e).with_context(|| format!("SEEK_DATA {mf} at {off}")),
+        };
+        if d >= hi {
+            break;
+        }
+        let h = (lseek(fd, d as i64, Whence::SeekHole).with_context(|| format!("SEEK_HOLE {mf} at {d}"))? as u64).min(hi);
+        let ps = PAGE_SIZE as u64;
+        let (s, e) = (d / ps * ps, h.div_ceil(ps) * ps);
+        out.push((vma.start + (s - lo), (e - s) as usize));
+        off = e.max(off + ps);
+    }
+    Ok(out)
+}
+
+/// Union of two sorted lists of runs, merged where they touch or overlap.
+fn union_runs(a: Vec<(u64, usize)>, b: Vec<(u64, usize)>) -> Vec<(u64, usize)> {
+    let mut all: Vec<(u64, u64)> = a.into_iter().chain(b).map(|(s, l)| (s, s + l as u64)).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll as u64 >= s => {
+                let end = (*ls + *ll as u64).max(e);
+                *ll = (end - *ls) as usize;
+            }
+            _ => out.push((s, (e - s) as usize)),
+        }
+    }
+    out
 }
 
 /// A VMA whose pages the parasite cannot read in place (no PROT_READ) but
@@ -286,6 +339,12 @@ mod tests {
         // Continues a run across chunk boundaries.
         runs_from_entries(0x6000, &[PM_PRESENT], |x| x != 0, &mut out);
         assert_eq!(out.last(), Some(&(0x4000, 0x3000)));
+    }
+
+    #[test]
+    fn union() {
+        let u = union_runs(vec![(0x1000, 0x1000), (0x5000, 0x1000)], vec![(0x2000, 0x1000), (0x4000, 0x3000)]);
+        assert_eq!(u, vec![(0x1000, 0x2000), (0x4000, 0x3000)]);
     }
 
     #[test]
