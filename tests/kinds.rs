@@ -1,5 +1,6 @@
 //! Integration tests of /proc reading, memory mappings and descriptor kinds
 //! on real processes. No ptrace: `pidfd_getfd` stands in for the parasite.
+#![allow(clippy::unnecessary_cast)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};

@@ -104,7 +104,9 @@ fn parse_creds(status: &str) -> Result<Creds> {
     })
 }
 
-/// Names of /proc/PID/limits rows and their RLIMIT_* numbers.
+/// Names of /proc/PID/limits rows and their RLIMIT_* numbers. (The casts
+/// are no-ops on glibc, where RLIMIT_* are u32, but not on musl.)
+#[allow(clippy::unnecessary_cast)]
 const LIMIT_NAMES: &[(&str, u32)] = &[
     ("Max cpu time", libc::RLIMIT_CPU as u32),
     ("Max file size", libc::RLIMIT_FSIZE as u32),
@@ -299,6 +301,7 @@ pub fn thread_comm(pid: Pid, tid: Tid) -> Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unnecessary_cast)]
 mod tests {
     use super::*;
 
