@@ -77,6 +77,15 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Wait until `pid` has exec'd `comm` completely: comm changes early in
+/// exec, the mm fields (arg_start..) only once the ELF is loaded.
+fn wait_exec(pid: Pid, comm: &str) {
+    wait_for("exec", || {
+        proc::thread_comm(pid, snap::types::Tid(pid.0)).unwrap() == comm
+            && proc::read_process(pid).is_ok_and(|p| p.mm.arg_end > p.mm.arg_start)
+    });
+}
+
 fn getfl(fd: &OwnedFd) -> i32 {
     nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap()
 }
@@ -88,7 +97,7 @@ fn tell(fd: &OwnedFd) -> i64 {
 fn read_process_sleep() {
     let g = Guard(Command::new("sleep").arg("100").spawn().unwrap());
     let pid = g.pid();
-    wait_for("sleep to exec", || proc::thread_comm(pid, snap::types::Tid(pid.0)).unwrap() == "sleep");
+    wait_exec(pid, "sleep");
     let p = proc::read_process(pid).unwrap();
     assert_eq!(p.pid, pid.0);
     assert_eq!(p.ppid, std::process::id() as i32);
@@ -120,7 +129,7 @@ fn read_process_nobody_with_limits() {
             .unwrap(),
     );
     let pid = g.pid();
-    wait_for("sleep to exec", || proc::thread_comm(pid, snap::types::Tid(pid.0)).unwrap() == "sleep");
+    wait_exec(pid, "sleep");
     let p = proc::read_process(pid).unwrap();
     assert_eq!(p.creds.uid, [65534; 4]);
     assert_eq!(p.creds.gid, [65534; 4]);
