@@ -1,0 +1,359 @@
+//! Memory mappings: /proc/PID/maps (+ smaps VmFlags) into `Vma`s, and the
+//! page ranges of each VMA that must be saved, from /proc/PID/pagemap.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::images::records::{FileId, Vma, VmaKind};
+use crate::types::{Pid, PAGE_SIZE};
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE_OR_SHARED: u64 = 1 << 61;
+/// Pagemap entries read per pread: 2 MiB of entries covers 1 GiB of memory.
+const PAGEMAP_CHUNK: usize = 262_144;
+
+/// One parsed line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapsLine {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub pgoff: u64,
+    pub inode: u64,
+    /// Everything after the inode, leading blanks removed ("" if none).
+    pub path: String,
+}
+
+/// Split off the next whitespace-delimited token.
+fn token(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start_matches(' ');
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find(' ').unwrap_or(s.len());
+    Some((&s[..end], &s[end..]))
+}
+
+pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
+    let bad = || anyhow!("malformed maps line {line:?}");
+    let (range, r) = token(line).ok_or_else(bad)?;
+    let (perms, r) = token(r).ok_or_else(bad)?;
+    let (off, r) = token(r).ok_or_else(bad)?;
+    let (_dev, r) = token(r).ok_or_else(bad)?;
+    let (ino, r) = token(r).ok_or_else(bad)?;
+    let (s, e) = range.split_once('-').ok_or_else(bad)?;
+    let p = perms.as_bytes();
+    if p.len() != 4 {
+        return Err(bad());
+    }
+    let mut prot = 0u32;
+    if p[0] == b'r' {
+        prot |= libc::PROT_READ as u32;
+    }
+    if p[1] == b'w' {
+        prot |= libc::PROT_WRITE as u32;
+    }
+    if p[2] == b'x' {
+        prot |= libc::PROT_EXEC as u32;
+    }
+    Ok(MapsLine {
+        start: u64::from_str_radix(s, 16).map_err(|_| bad())?,
+        end: u64::from_str_radix(e, 16).map_err(|_| bad())?,
+        prot,
+        shared: p[3] == b's',
+        pgoff: u64::from_str_radix(off, 16).map_err(|_| bad())?,
+        inode: ino.parse().map_err(|_| bad())?,
+        path: r.trim_start_matches(' ').to_string(),
+    })
+}
+
+/// Start addresses of VMAs with VM_GROWSDOWN ("gd" in smaps VmFlags).
+fn growsdown_starts(pid: Pid) -> Result<Vec<u64>> {
+    let path = format!("/proc/{}/smaps", pid.0);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut cur = None;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(start) = cur {
+                if flags.split_whitespace().any(|f| f == "gd") {
+                    out.push(start);
+                }
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, _)) = range.split_once('-') {
+                if let Ok(a) = u64::from_str_radix(s, 16) {
+                    cur = Some(a);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Is this the name of a shared memory object with no file of its own
+/// (shared anonymous memory, /dev/zero, SysV shm)?
+fn is_shmem_name(path: &str) -> bool {
+    path == "/dev/zero (deleted)"
+        || path.starts_with("/SYSV")
+        || path.starts_with("[anon_shmem:")
+}
+
+/// stat() of the file behind a mapping, through map_files so it works for
+/// deleted and unreachable files too.
+fn map_file_meta(pid: Pid, l: &MapsLine) -> Result<fs::Metadata> {
+    let mf = format!("/proc/{}/map_files/{:x}-{:x}", pid.0, l.start, l.end);
+    fs::metadata(&mf).with_context(|| format!("stat {mf} ({})", l.path))
+}
+
+fn classify(pid: Pid, l: &MapsLine) -> Result<VmaKind> {
+    let p = l.path.as_str();
+    if p == "[vsyscall]" {
+        return Ok(VmaKind::Vsyscall);
+    }
+    if l.shared && is_shmem_name(p) {
+        let m = map_file_meta(pid, l)?;
+        return Ok(VmaKind::SharedAnon { shmem_id: m.ino(), size: m.size() });
+    }
+    if p.is_empty()
+        || p == "[heap]"
+        || p.starts_with("[stack")
+        || p.starts_with("[anon:")
+        || (!l.shared && (p == "/dev/zero" || p == "/dev/zero (deleted)"))
+    {
+        if l.shared {
+            // A shared mapping with no name: describe the object behind it.
+            let m = map_file_meta(pid, l)?;
+            return Ok(VmaKind::SharedAnon { shmem_id: m.ino(), size: m.size() });
+        }
+        return Ok(VmaKind::Anon);
+    }
+    if p.starts_with('[') && p.ends_with(']') {
+        return Ok(VmaKind::Special { name: p.to_string() });
+    }
+    let m = map_file_meta(pid, l)?;
+    Ok(VmaKind::File {
+        file: FileId {
+            path: p.to_string(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        },
+    })
+}
+
+/// Every mapping of `pid`, classified.
+pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>> {
+    let path = format!("/proc/{}/maps", pid.0);
+    let text = fs::read_to_string(&path).with_context(|| format!("{pid}: reading {path}"))?;
+    let gd = growsdown_starts(pid).with_context(|| format!("{pid}: VmFlags"))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let l = parse_maps_line(line).with_context(|| format!("{pid}: {path}"))?;
+        let kind = classify(pid, &l).with_context(|| {
+            format!("{pid}: mapping {:#x}-{:#x} ({})", l.start, l.end, l.path)
+        })?;
+        out.push(Vma {
+            start: l.start,
+            end: l.end,
+            prot: l.prot,
+            shared: l.shared,
+            pgoff: l.pgoff,
+            kind,
+            growsdown: gd.contains(&l.start),
+        });
+    }
+    Ok(out)
+}
+
+/// Which pagemap entries of this VMA hold content that must be saved.
+fn page_filter(vma: &Vma) -> Option<fn(u64) -> bool> {
+    match (&vma.kind, vma.shared) {
+        (VmaKind::Anon, _) | (VmaKind::SharedAnon { .. }, _) => {
+            Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0)
+        }
+        // Private file mapping: only the copy-on-write copies (anonymous
+        // pages, bit 61 clear), present or swapped out.
+        (VmaKind::File { .. }, false) => Some(|e| {
+            (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0) || e & PM_SWAPPED != 0
+        }),
+        _ => None,
+    }
+}
+
+/// Turn pagemap entries (first one at `base`) into maximal runs, appended
+/// to `out` (merged with its last run when adjacent).
+pub fn runs_from_entries(
+    base: u64,
+    entries: &[u64],
+    keep: impl Fn(u64) -> bool,
+    out: &mut Vec<(u64, usize)>,
+) {
+    for (i, &e) in entries.iter().enumerate() {
+        if !keep(e) {
+            continue;
+        }
+        let addr = base + (i * PAGE_SIZE) as u64;
+        match out.last_mut() {
+            Some((s, len)) if *s + *len as u64 == addr => *len += PAGE_SIZE,
+            _ => out.push((addr, PAGE_SIZE)),
+        }
+    }
+}
+
+/// Maximal runs `(address, length in bytes)` of pages of `vma` that must be
+/// saved. Private anonymous memory: present or swapped pages; private file
+/// mappings: their copy-on-write pages; shared anonymous memory: its pages
+/// as seen by this process (call it for any process mapping the object);
+/// [vdso]/[vvar]/[vsyscall] and shared file mappings: none.
+pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
+    let Some(keep) = page_filter(vma) else {
+        return Ok(Vec::new());
+    };
+    let path = format!("/proc/{}/pagemap", pid.0);
+    let ctx = || format!("{pid}: {path} for {:#x}-{:#x}", vma.start, vma.end);
+    let f = File::open(&path).with_context(ctx)?;
+    let pages = ((vma.end - vma.start) / PAGE_SIZE as u64) as usize;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; PAGEMAP_CHUNK.min(pages.max(1)) * 8];
+    let mut done = 0usize;
+    while done < pages {
+        let n = PAGEMAP_CHUNK.min(pages - done);
+        let addr = vma.start + (done * PAGE_SIZE) as u64;
+        let bytes = &mut buf[..n * 8];
+        f.read_exact_at(bytes, addr / PAGE_SIZE as u64 * 8).with_context(ctx)?;
+        let entries: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        runs_from_entries(addr, &entries, keep, &mut out);
+        done += n;
+    }
+    if let VmaKind::SharedAnon { .. } = vma.kind {
+        // Pages of the object that only other processes touched have no
+        // entry in this process's page table: ask the object itself.
+        let data = shmem_data_ranges(pid, vma)
+            .with_context(|| format!("{pid}: shared memory {:#x}-{:#x}", vma.start, vma.end))?;
+        out = union_runs(out, data);
+    }
+    Ok(out)
+}
+
+/// Ranges (as addresses in `vma`) where the shmem object behind a shared
+/// anonymous mapping has pages, from SEEK_DATA/SEEK_HOLE on map_files.
+fn shmem_data_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let mf = format!("/proc/{}/map_files/{:x}-{:x}", pid.0, vma.start, vma.end);
+    let f = File::open(&mf).with_context(|| format!("opening {mf}"))?;
+    let fd = f.as_raw_fd();
+    let (lo, hi) = (vma.pgoff, vma.pgoff + (vma.end - vma.start));
+    let mut out = Vec::new();
+    let mut off = lo;
+    while off < hi {
+        let d = match lseek(fd, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break, // no data after off
+            Err(e) => return Err(e).with_context(|| format!("SEEK_DATA {mf} at {off}")),
+        };
+        if d >= hi {
+            break;
+        }
+        let h = (lseek(fd, d as i64, Whence::SeekHole).with_context(|| format!("SEEK_HOLE {mf} at {d}"))? as u64).min(hi);
+        let ps = PAGE_SIZE as u64;
+        let (s, e) = (d / ps * ps, h.div_ceil(ps) * ps);
+        out.push((vma.start + (s - lo), (e - s) as usize));
+        off = e.max(off + ps);
+    }
+    Ok(out)
+}
+
+/// Union of two sorted lists of runs, merged where they touch or overlap.
+fn union_runs(a: Vec<(u64, usize)>, b: Vec<(u64, usize)>) -> Vec<(u64, usize)> {
+    let mut all: Vec<(u64, u64)> = a.into_iter().chain(b).map(|(s, l)| (s, s + l as u64)).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll as u64 >= s => {
+                let end = (*ls + *ll as u64).max(e);
+                *ll = (end - *ls) as usize;
+            }
+            _ => out.push((s, (e - s) as usize)),
+        }
+    }
+    out
+}
+
+/// A VMA whose pages the parasite cannot read in place (no PROT_READ) but
+/// which may hold content: the caller reads it through /proc/PID/mem.
+pub fn unreadable(vma: &Vma) -> bool {
+    vma.prot & libc::PROT_READ as u32 == 0 && page_filter(vma).is_some()
+}
+
+/// Group the shared anonymous VMAs of several processes by object, so each
+/// object's content is saved once: shmem_id -> [(pid, vma index)].
+pub fn shmem_users(procs: &[(Pid, &[Vma])]) -> HashMap<u64, Vec<(Pid, usize)>> {
+    let mut m: HashMap<u64, Vec<(Pid, usize)>> = HashMap::new();
+    for (pid, vmas) in procs {
+        for (i, v) in vmas.iter().enumerate() {
+            if let VmaKind::SharedAnon { shmem_id, .. } = v.kind {
+                m.entry(shmem_id).or_default().push((*pid, i));
+            }
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines() {
+        let l = parse_maps_line(
+            "7f0000000000-7f0000001000 r-xp 00002000 08:01 1234    /usr/lib/a b (deleted)",
+        )
+        .unwrap();
+        assert_eq!((l.start, l.end, l.pgoff, l.inode), (0x7f0000000000, 0x7f0000001000, 0x2000, 1234));
+        assert_eq!(l.prot, (libc::PROT_READ | libc::PROT_EXEC) as u32);
+        assert!(!l.shared);
+        assert_eq!(l.path, "/usr/lib/a b (deleted)");
+        let l = parse_maps_line("1000-2000 ---s 00000000 00:00 0 ").unwrap();
+        assert_eq!((l.prot, l.shared, l.path.as_str()), (0, true, ""));
+        assert!(parse_maps_line("1000-2000 rw").is_err());
+    }
+
+    #[test]
+    fn runs() {
+        let e = [PM_PRESENT, PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_FILE_OR_SHARED];
+        let mut out = vec![];
+        runs_from_entries(0x1000, &e, |x| x & (PM_PRESENT | PM_SWAPPED) != 0, &mut out);
+        assert_eq!(out, vec![(0x1000, 0x2000), (0x4000, 0x2000)]);
+        // Continues a run across chunk boundaries.
+        runs_from_entries(0x6000, &[PM_PRESENT], |x| x != 0, &mut out);
+        assert_eq!(out.last(), Some(&(0x4000, 0x3000)));
+    }
+
+    #[test]
+    fn union() {
+        let u = union_runs(vec![(0x1000, 0x1000), (0x5000, 0x1000)], vec![(0x2000, 0x1000), (0x4000, 0x3000)]);
+        assert_eq!(u, vec![(0x1000, 0x2000), (0x4000, 0x3000)]);
+    }
+
+    #[test]
+    fn own_vmas() {
+        let me = Pid(std::process::id() as i32);
+        let v = read_vmas(me).unwrap();
+        assert!(v.iter().any(|v| v.kind == VmaKind::Special { name: "[vdso]".into() }));
+        assert!(v.iter().any(|v| matches!(v.kind, VmaKind::File { .. })));
+        let stack = v.iter().find(|v| v.growsdown).expect("main stack is growsdown");
+        assert!(!dump_ranges(me, stack).unwrap().is_empty());
+    }
+}

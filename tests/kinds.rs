@@ -1,0 +1,394 @@
+//! Integration tests of /proc reading, memory mappings and descriptor kinds
+//! on real processes. No ptrace: `pidfd_getfd` stands in for the parasite.
+#![allow(clippy::unnecessary_cast)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use snap::dump::{mm, proc};
+use snap::images::records::{FileKind, ProcState, VmaKind};
+use snap::kinds::{self, DumpCtx};
+use snap::types::{Pid, RemoteFd};
+
+/// Kills and reaps the child on drop.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Guard {
+    fn pid(&self) -> Pid {
+        Pid(self.0.id() as i32)
+    }
+}
+
+/// Run a python3 script that prints one JSON line when ready, then sleeps.
+fn python(script: &str) -> (Guard, serde_json::Value) {
+    let full = format!("import os, sys, json, time, fcntl, mmap, ctypes, socket\n{script}\nsys.stdout.flush()\ntime.sleep(100)\n");
+    let mut c = Command::new("python3")
+        .arg("-c")
+        .arg(full)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let out = c.stdout.take().unwrap();
+    let g = Guard(c);
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+    (g, v)
+}
+
+fn tmpdir(name: &str) -> String {
+    let d = format!("/tmp/snap-kinds-test-{}-{name}", std::process::id());
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The parasite's stand-in: copies of the target's descriptors.
+fn take_fds(pid: Pid, fds: &[i32]) -> Vec<(RemoteFd, OwnedFd)> {
+    // SAFETY: test-only raw syscalls with integer arguments.
+    let pidfd = unsafe { libc::syscall(434, pid.0, 0) };
+    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: pidfd_open returned a new descriptor that we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    fds.iter()
+        .map(|&n| {
+            // SAFETY: integer arguments only.
+            let r = unsafe { libc::syscall(438, pidfd.as_raw_fd(), n, 0) };
+            assert!(r >= 0, "pidfd_getfd {n}: {}", std::io::Error::last_os_error());
+            // SAFETY: pidfd_getfd returned a new descriptor that we own.
+            (RemoteFd(n), unsafe { OwnedFd::from_raw_fd(r as i32) })
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `pid` has exec'd `comm` completely: comm changes early in
+/// exec, the mm fields (arg_start..) only once the ELF is loaded.
+fn wait_exec(pid: Pid, comm: &str) {
+    wait_for("exec", || {
+        proc::thread_comm(pid, snap::types::Tid(pid.0)).unwrap() == comm
+            && proc::read_process(pid).is_ok_and(|p| p.mm.arg_end > p.mm.arg_start)
+    });
+}
+
+fn getfl(fd: &OwnedFd) -> i32 {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap()
+}
+fn tell(fd: &OwnedFd) -> i64 {
+    nix::unistd::lseek(fd.as_raw_fd(), 0, nix::unistd::Whence::SeekCur).unwrap()
+}
+
+#[test]
+fn read_process_sleep() {
+    let g = Guard(Command::new("sleep").arg("100").spawn().unwrap());
+    let pid = g.pid();
+    wait_exec(pid, "sleep");
+    let p = proc::read_process(pid).unwrap();
+    assert_eq!(p.pid, pid.0);
+    assert_eq!(p.ppid, std::process::id() as i32);
+    assert_eq!(p.state, ProcState::Alive);
+    assert_eq!(p.comm, "sleep");
+    assert!(p.exe.ends_with("sleep"), "exe {}", p.exe);
+    assert_eq!(p.cwd, std::env::current_dir().unwrap().to_string_lossy());
+    assert_eq!(p.root, "/");
+    assert_eq!(p.creds.uid, [0; 4]);
+    assert_eq!(p.rlimits.len(), 16);
+    // Inherited from us.
+    let (s, h) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let nofile = p.rlimits.iter().find(|r| r.resource == libc::RLIMIT_NOFILE as u32).unwrap();
+    assert_eq!((nofile.soft, nofile.hard), (s, h));
+    assert!(p.mm.start_code < p.mm.end_code && p.mm.arg_start < p.mm.arg_end);
+    assert!(p.mm.auxv.iter().any(|&(k, v)| k == libc::AT_PAGESZ && v == 4096));
+    assert_eq!(proc::thread_ids(pid).unwrap(), vec![snap::types::Tid(pid.0)]);
+    let me = proc::read_process(Pid(std::process::id() as i32)).unwrap();
+    assert!(me.children.contains(&pid.0));
+}
+
+#[test]
+fn read_process_nobody_with_limits() {
+    let g = Guard(
+        Command::new("prlimit")
+            .args(["--nofile=123:456", "--core=0:unlimited", "--"])
+            .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "100"])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = g.pid();
+    wait_exec(pid, "sleep");
+    let p = proc::read_process(pid).unwrap();
+    assert_eq!(p.creds.uid, [65534; 4]);
+    assert_eq!(p.creds.gid, [65534; 4]);
+    assert!(p.creds.groups.is_empty());
+    assert_eq!(p.creds.cap_eff, 0);
+    let lim = |r: i32| p.rlimits.iter().find(|x| x.resource == r as u32).map(|x| (x.soft, x.hard)).unwrap();
+    assert_eq!(lim(libc::RLIMIT_NOFILE as i32), (123, 456));
+    assert_eq!(lim(libc::RLIMIT_CORE as i32), (0, u64::MAX));
+}
+
+#[test]
+fn read_process_zombie() {
+    let mut c = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+    let pid = Pid(c.id() as i32);
+    wait_for("zombie", || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.0)).unwrap().contains(") Z ")
+    });
+    let p = proc::read_process(pid).unwrap();
+    assert_eq!(p.state, ProcState::Zombie { wait_status: 3 << 8 });
+    assert_eq!(p.exe, "");
+    c.wait().unwrap();
+}
+
+#[test]
+fn vmas_and_ranges() {
+    let (g, v) = python(
+        "b = bytearray(16 << 20)\n\
+         for i in range(0, len(b), 4096): b[i] = 1\n\
+         m = mmap.mmap(-1, 1 << 20)\n\
+         m[0:4096] = b'x' * 4096\n\
+         if os.fork() == 0:\n    m[8192] = 1\n    os._exit(0)\n\
+         os.wait()\n\
+         ba = ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b))\n\
+         ma = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
+         print(json.dumps({'b': ba, 'm': ma}))",
+    );
+    let pid = g.pid();
+    let (ba, ma) = (v["b"].as_u64().unwrap(), v["m"].as_u64().unwrap());
+    let vmas = mm::read_vmas(pid).unwrap();
+    let find = |a: u64| vmas.iter().find(|x| x.start <= a && a < x.end).unwrap();
+
+    let bv = find(ba);
+    assert_eq!(bv.kind, VmaKind::Anon);
+    let r = mm::dump_ranges(pid, bv).unwrap();
+    let page = ba & !4095;
+    let end = (ba + (16 << 20)) & !4095;
+    assert!(
+        r.iter().any(|&(s, l)| s <= page && s + l as u64 >= end),
+        "16 MiB bytearray at {ba:#x} not in one saved run: {r:x?}"
+    );
+
+    let mv = find(ma);
+    assert!(mv.shared);
+    match mv.kind {
+        VmaKind::SharedAnon { size, .. } => assert_eq!(size, 1 << 20),
+        ref k => panic!("mmap(-1) is {k:?}"),
+    }
+    let r = mm::dump_ranges(pid, mv).unwrap();
+    // Page 2 was written by a child only: still found, through the object.
+    assert_eq!(r, vec![(ma, 4096), (ma + 8192, 4096)]);
+
+    assert!(vmas.iter().any(|x| x.kind == VmaKind::Special { name: "[vdso]".into() }));
+    assert!(vmas.iter().any(|x| x.growsdown));
+    // A private file mapping that was never written has nothing to save.
+    let lib = vmas
+        .iter()
+        .find(|x| matches!(&x.kind, VmaKind::File { file } if file.path.contains("libc")) && x.prot & 2 == 0)
+        .unwrap();
+    assert!(mm::dump_ranges(pid, lib).unwrap().is_empty());
+    assert!(!mm::unreadable(bv));
+}
+
+#[test]
+fn dump_and_restore_fds() {
+    let dir = tmpdir("fds");
+    let script = format!(
+        "d = {dir:?}\n\
+         f = open(d + '/regular', 'w+'); f.write('a' * 5000); f.flush(); os.lseek(f.fileno(), 1234, 0)\n\
+         r, w = os.pipe(); fcntl.fcntl(w, 1031, 256 * 1024)\n\
+         os.write(w, bytes(i % 251 for i in range(100 * 1024)))\n\
+         os.set_blocking(r, False)\n\
+         null = os.open('/dev/null', os.O_WRONLY | os.O_APPEND)\n\
+         dl = open(d + '/deleted', 'w+'); dl.write('deleted content'); dl.flush(); os.lseek(dl.fileno(), 3, 0); os.unlink(d + '/deleted')\n\
+         os.mkfifo(d + '/fifo'); ff = os.open(d + '/fifo', os.O_RDWR | os.O_NONBLOCK); os.write(ff, b'0123456789')\n\
+         dn = os.open(d, os.O_RDONLY | os.O_DIRECTORY)\n\
+         print(json.dumps([f.fileno(), r, w, null, dl.fileno(), ff, dn]))"
+    );
+    let (g, v) = python(&script);
+    let pid = g.pid();
+    let nums: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let [freg, fr, fw, fnull, fdel, ffifo, fdir] = nums[..] else { panic!() };
+    assert!(kinds::list_fds(pid).unwrap().contains(&RemoteFd(fdel)));
+
+    let taken = take_fds(pid, &nums);
+    let mut ctx = DumpCtx::new(false);
+    let entries = ctx.dump_fds(pid, &taken).unwrap();
+    let (image, blobs) = ctx.finish();
+    assert_eq!(entries.len(), 7);
+    assert_eq!(image.files.len(), 7);
+    let kind_of = |fd: i32| {
+        let e = entries.iter().find(|e| e.fd == fd).unwrap();
+        &image.files[e.file as usize]
+    };
+    assert!(entries.iter().all(|e| e.cloexec || e.fd == fnull || e.fd == ffifo || e.fd == fdir));
+    match &kind_of(freg).kind {
+        FileKind::Regular { file, pos } => {
+            assert_eq!(*pos, 1234);
+            assert_eq!(file.size, 5000);
+            assert!(file.path.ends_with("/regular"));
+        }
+        k => panic!("{k:?}"),
+    }
+    assert!(matches!(kind_of(fdir).kind, FileKind::Regular { .. }));
+    let pipe_id = match kind_of(fr).kind {
+        FileKind::Pipe { pipe_id, write_end: false, buffered: 102400, pipe_size: 262144 } => pipe_id,
+        ref k => panic!("{k:?}"),
+    };
+    assert!(matches!(kind_of(fw).kind, FileKind::Pipe { write_end: true, .. }));
+    assert!(kind_of(fr).flags & libc::O_NONBLOCK as u32 != 0);
+    assert!(matches!(&kind_of(fnull).kind, FileKind::CharDev { path, .. } if path == "/dev/null"));
+    assert_eq!(kind_of(fnull).flags & (libc::O_ACCMODE | libc::O_APPEND) as u32, (libc::O_WRONLY | libc::O_APPEND) as u32);
+    let del_blob = match &kind_of(fdel).kind {
+        FileKind::Deleted { path, pos: 3, mode, blob } => {
+            assert!(path.ends_with("/deleted (deleted)"));
+            assert_eq!(*mode, 0o644);
+            blob.clone()
+        }
+        k => panic!("{k:?}"),
+    };
+    assert!(matches!(&kind_of(ffifo).kind, FileKind::Fifo { buffered: 10, .. }));
+
+    let blobs: HashMap<String, Vec<u8>> = blobs.into_iter().collect();
+    let want: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+    assert_eq!(blobs[&format!("pipe-{pipe_id}.data")], want);
+    assert_eq!(blobs[&del_blob], b"deleted content");
+    // tee did not consume: the target's pipe still holds everything, and
+    // the target's file positions are untouched.
+    assert_eq!(snap::kinds::sys::fionread(std::os::fd::AsFd::as_fd(&taken[1].1)).unwrap(), 102400);
+    assert_eq!(tell(&taken[0].1), 1234);
+    assert_eq!(tell(&taken[4].1), 3);
+
+    // Restore after the original is gone (the FIFO's buffer with it).
+    drop(taken);
+    drop(g);
+    // No JSON round trip here: see `files_image_json_roundtrip` (i128 in a
+    // tagged enum does not deserialize).
+    let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
+    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let by_fd = |fd: i32| &fds[&entries.iter().find(|e| e.fd == fd).unwrap().file];
+
+    let reg = by_fd(freg);
+    assert_eq!(tell(reg), 1234);
+    assert_eq!(getfl(reg) & libc::O_ACCMODE, libc::O_RDWR);
+
+    let (r, w) = (by_fd(fr), by_fd(fw));
+    assert!(getfl(r) & libc::O_NONBLOCK != 0);
+    assert!(getfl(w) & libc::O_NONBLOCK == 0);
+    assert_eq!(getfl(w) & libc::O_ACCMODE, libc::O_WRONLY);
+    assert_eq!(nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap(), 262144);
+    let mut got = vec![0u8; 200 * 1024];
+    let n = nix::unistd::read(r.as_raw_fd(), &mut got).unwrap();
+    assert_eq!(&got[..n], &want[..], "pipe data differs");
+
+    let null = by_fd(fnull);
+    assert_eq!(getfl(null) & (libc::O_ACCMODE | libc::O_APPEND), libc::O_WRONLY | libc::O_APPEND);
+
+    let del = by_fd(fdel);
+    assert_eq!(tell(del), 3);
+    let st = nix::sys::stat::fstat(del.as_raw_fd()).unwrap();
+    assert_eq!((st.st_nlink, st.st_mode & 0o777, st.st_size), (0, 0o644, 15));
+    let mut s = String::new();
+    std::fs::File::open(format!("/proc/self/fd/{}", del.as_raw_fd())).unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "deleted content");
+
+    let fifo = by_fd(ffifo);
+    let mut buf = [0u8; 64];
+    let n = nix::unistd::read(fifo.as_raw_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"0123456789");
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shared_description_between_parent_and_child() {
+    let dir = tmpdir("shared");
+    let script = format!(
+        "f = os.open({dir:?} + '/f', os.O_RDWR | os.O_CREAT); os.write(f, b'x' * 100)\n\
+         d = os.dup(f)\n\
+         pid = os.fork()\n\
+         if pid == 0:\n    g = os.open({dir:?} + '/f', os.O_RDONLY)\n    print(json.dumps([os.getpid(), f, d, g])); sys.stdout.flush(); time.sleep(100)\n\
+         else:\n    time.sleep(100)\n"
+    );
+    let (g, v) = python(&script);
+    let parent = g.pid();
+    let a: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let child = Pid(a[0]);
+    let _kill_child = scopeguard(child);
+    let (f, d, other) = (a[1], a[2], a[3]);
+
+    let mut ctx = DumpCtx::new(false);
+    let pe = ctx.dump_fds(parent, &take_fds(parent, &[f, d])).unwrap();
+    let ce = ctx.dump_fds(child, &take_fds(child, &[f, d, other])).unwrap();
+    let (image, _) = ctx.finish();
+    assert_eq!(image.files.len(), 2, "{image:?}");
+    let id = pe[0].file;
+    assert!(pe.iter().chain(&ce[..2]).all(|e| e.file == id));
+    assert_ne!(ce[2].file, id);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills a process we did not spawn directly (a grandchild) on drop.
+struct KillOnDrop(Pid);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0.nix(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+fn scopeguard(p: Pid) -> KillOnDrop {
+    KillOnDrop(p)
+}
+
+#[test]
+fn socket_refused_naming_pid_and_fd() {
+    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\nprint(json.dumps(s.fileno()))");
+    let pid = g.pid();
+    let fd = v.as_i64().unwrap() as i32;
+    let mut ctx = DumpCtx::new(false);
+    let err = ctx.dump_fds(pid, &take_fds(pid, &[fd])).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&format!("pid {} fd {fd} (socket:[", pid.0)), "{msg}");
+    assert!(msg.contains("sockets are not supported yet"), "{msg}");
+}
+
+#[test]
+fn eventfd_refused() {
+    let (g, v) = python("fd = os.eventfd(0)\nprint(json.dumps(fd))");
+    let pid = g.pid();
+    let fd = v.as_i64().unwrap() as i32;
+    let err = DumpCtx::new(false).dump_fds(pid, &take_fds(pid, &[fd])).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("anon_inode:[eventfd]") && msg.contains("not supported yet"), "{msg}");
+}
+
+/// records.rs has `FileId.mtime_ns: i128` inside internally tagged enums
+/// (`FileKind`, `VmaKind`); serde buffers those through `Content`, which has
+/// no i128, so such images serialize but do not load. Needs a shared-type fix
+/// (e.g. `mtime_ns: i64`) by the owner of records.rs.
+#[test]
+#[ignore = "records.rs: i128 mtime_ns inside a tagged enum does not deserialize"]
+fn files_image_json_roundtrip() {
+    let st = nix::sys::stat::stat("/").unwrap();
+    let image = snap::images::records::FilesImage {
+        files: vec![snap::images::records::OpenFile {
+            id: 0,
+            flags: 0,
+            kind: FileKind::Regular { file: snap::kinds::regular::file_id("/", &st), pos: 0 },
+        }],
+    };
+    let json = serde_json::to_string(&image).unwrap();
+    let back: snap::images::records::FilesImage = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, image);
+}
