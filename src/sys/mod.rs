@@ -1,7 +1,92 @@
 //! Thin system-call wrappers: the only place besides the parasite with `unsafe`.
-pub mod ptrace;
 pub mod clone;
 pub mod process;
+pub mod ptrace;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{Context, Result};
+
+use crate::types::{Pid, RemoteFd};
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
+    // SAFETY: integer syscall; on success the kernel returns a new fd we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pidfd_open {pid}"));
+    }
+    // SAFETY: `r` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// `pidfd_getfd`: a duplicate (close-on-exec) of another process's fd.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RemoteFd) -> Result<OwnedFd> {
+    // SAFETY: integer syscall; on success the kernel returns a new fd we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd.0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pidfd_getfd {fd}"));
+    }
+    // SAFETY: `r` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+pub fn set_nonblock(fd: &OwnedFd) -> Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no pointers.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error()).context("fcntl O_NONBLOCK");
+    }
+    Ok(())
+}
+
+/// Receive one message carrying up to `max` descriptors (SCM_RIGHTS).
+pub fn recv_fds(sock: &OwnedFd, max: usize) -> Result<Vec<OwnedFd>> {
+    let mut data = [0u8; 16];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr() as *mut _, iov_len: data.len() };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((max * 4) as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut _;
+    msg.msg_controllen = space;
+    loop {
+        // SAFETY: msg points to live buffers of the sizes given.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e).context("recvmsg SCM_RIGHTS");
+        }
+    }
+    let mut out = Vec::new();
+    // SAFETY: walking the control buffer the kernel filled, with the libc
+    // CMSG macros that stay within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                let p = libc::CMSG_DATA(c) as *const i32;
+                for i in 0..n {
+                    out.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        anyhow::bail!("recvmsg: control data truncated (more than {max} fds)");
+    }
+    Ok(out)
+}
 
 /// A borrowed view of a descriptor this process owns and keeps open for at
 /// least as long as the view is used.
