@@ -1,30 +1,432 @@
-//! Image directory writer and validating reader. OWNER: images helper. (stub)
-use super::pagestore::{PageHash, PageStoreReader, PageStoreWriter};
-use super::records::Inventory;
-use anyhow::Result;
-use serde::{de::DeserializeOwned, Serialize};
-use std::path::Path;
+//! Image directory writer and validating reader (docs/image-format.md).
+//!
+//! A dump writes records and page maps as it goes, the page pack streams
+//! out in the background, and `finish` writes `inventory.json` last, with
+//! the manifest (name, size, xxh3-64 of every file) inside it. A directory
+//! without `inventory.json` is an incomplete dump.
+//!
+//! The reader trusts nothing: it checks the format version, the
+//! architecture, every manifest name (no `/`, no `..`), every file's size
+//! and checksum, and then only reads files listed in the manifest.
+use super::pagestore::{
+    PageHash, PageStoreReader, PageStoreWriter, INDEX_NAME, PACK_NAME, PACK_ZST_NAME, PAGE_SIZE,
+};
+use super::records::{Inventory, FORMAT_VERSION};
+use anyhow::{bail, ensure, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
-pub struct ImageWriter {}
-impl ImageWriter {
-    /// Create `dir` (it must not exist or be empty).
-    pub fn create(dir: &Path, compress: bool) -> Result<Self> { let _ = (dir, compress); todo!() }
-    pub fn write_json<T: Serialize>(&mut self, name: &str, v: &T) -> Result<()> { let _ = (name, v); todo!() }
-    pub fn write_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> { let _ = (name, data); todo!() }
-    /// Write a page map (sorted by address) as `name`.
-    pub fn write_pagemap(&mut self, name: &str, entries: &[(u64, PageHash)]) -> Result<()> { let _ = (name, entries); todo!() }
-    pub fn pages(&mut self) -> &mut PageStoreWriter { todo!() }
-    /// Flush the page store, write the manifest and `inventory.json` last.
-    pub fn finish(self, inv: Inventory) -> Result<()> { let _ = inv; todo!() }
+pub const INVENTORY_NAME: &str = "inventory.json";
+/// Architecture this build writes and accepts.
+pub const ARCH: &str = "x86_64";
+/// `inventory.json` larger than this is refused (it holds metadata only).
+pub const MAX_INVENTORY_BYTES: u64 = 64 << 20;
+/// Longest file name accepted in a manifest.
+pub const MAX_NAME_LEN: usize = 200;
+/// One page map entry: u64 LE address + u128 LE page hash.
+pub const PAGEMAP_ENTRY_SIZE: usize = 24;
+
+/// One file of the image, as listed in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestFile {
+    pub name: String,
+    pub size: u64,
+    /// xxh3-64 of the file's bytes, 16 lowercase hex digits.
+    pub xxh3: String,
 }
 
-pub struct ImageReader {}
+/// Where the page store is and how it is encoded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PageStoreInfo {
+    /// `pages.pack` or `pages.pack.zst`.
+    pub pack: String,
+    /// `pages.idx`.
+    pub index: String,
+    /// Distinct pages in the store.
+    pub pages: u64,
+    /// "none" or "zstd".
+    pub compression: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub files: Vec<ManifestFile>,
+    pub page_store: PageStoreInfo,
+}
+
+/// What `inventory.json` holds: the inventory's fields plus `manifest`.
+/// Code that only needs the `Inventory` can parse the file as one: unknown
+/// fields are skipped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InventoryFile {
+    #[serde(flatten)]
+    inventory: Inventory,
+    manifest: Manifest,
+}
+
+/// Accept only plain, short file names: `[A-Za-z0-9._+-]`, not starting
+/// with a dot, no `..` anywhere. Hostile manifests cannot reach outside the
+/// directory.
+pub fn check_name(name: &str) -> Result<()> {
+    ensure!(!name.is_empty(), "empty file name");
+    ensure!(name.len() <= MAX_NAME_LEN, "file name {:?}... is longer than {MAX_NAME_LEN} bytes", &name[..name.floor_char_boundary(40)]);
+    ensure!(!name.contains('/'), "file name {name:?} contains '/'");
+    ensure!(!name.contains(".."), "file name {name:?} contains '..'");
+    ensure!(!name.starts_with('.'), "file name {name:?} starts with '.'");
+    ensure!(
+        name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b)),
+        "file name {name:?} has characters outside [A-Za-z0-9._+-]"
+    );
+    Ok(())
+}
+
+fn hex64(x: u64) -> String {
+    format!("{x:016x}")
+}
+
+/// Names the writer keeps for itself.
+fn reserved(name: &str) -> bool {
+    [INVENTORY_NAME, PACK_NAME, PACK_ZST_NAME, INDEX_NAME].contains(&name) || name.ends_with(".tmp")
+}
+
+/// Encode a page map: sorted by address, strictly increasing, page-aligned.
+pub fn encode_pagemap(entries: &[(u64, PageHash)]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(entries.len() * PAGEMAP_ENTRY_SIZE);
+    let mut prev: Option<u64> = None;
+    for (i, &(addr, h)) in entries.iter().enumerate() {
+        ensure!(addr % PAGE_SIZE as u64 == 0, "page map entry {i}: address {addr:#x} is not page-aligned");
+        if let Some(p) = prev {
+            ensure!(addr > p, "page map entry {i}: address {addr:#x} does not follow {p:#x} (must be sorted, no duplicates)");
+        }
+        prev = Some(addr);
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&h.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Decode and validate a page map (without the store check).
+pub fn decode_pagemap(name: &str, b: &[u8]) -> Result<Vec<(u64, PageHash)>> {
+    ensure!(
+        b.len() % PAGEMAP_ENTRY_SIZE == 0,
+        "page map {name}: length {} is not a multiple of {PAGEMAP_ENTRY_SIZE}",
+        b.len()
+    );
+    let (chunks, _) = b.as_chunks::<PAGEMAP_ENTRY_SIZE>();
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut prev: Option<u64> = None;
+    for (i, c) in chunks.iter().enumerate() {
+        let (a, h) = c.split_at(8);
+        let addr = u64::from_le_bytes(a.try_into().context("page map entry")?);
+        let hash = u128::from_le_bytes(h.try_into().context("page map entry")?);
+        ensure!(addr % PAGE_SIZE as u64 == 0, "page map {name} entry {i}: address {addr:#x} is not page-aligned");
+        ensure!(addr <= u64::MAX - PAGE_SIZE as u64 + 1, "page map {name} entry {i}: address {addr:#x} out of range");
+        if let Some(p) = prev {
+            ensure!(addr > p, "page map {name} entry {i}: address {addr:#x} after {p:#x} (not sorted or duplicate)");
+        }
+        prev = Some(addr);
+        out.push((addr, hash));
+    }
+    Ok(out)
+}
+
+pub struct ImageWriter {
+    dir: PathBuf,
+    files: Vec<ManifestFile>,
+    names: HashSet<String>,
+    pages: PageStoreWriter,
+    pack_name: &'static str,
+}
+
+impl ImageWriter {
+    /// Create `dir` (it must not exist or be empty).
+    pub fn create(dir: &Path, compress: bool) -> Result<Self> {
+        match std::fs::read_dir(dir) {
+            Ok(mut rd) => {
+                if rd.next().is_some() {
+                    bail!("image directory {} exists and is not empty", dir.display());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating image directory {}", dir.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("image directory {}", dir.display())),
+        }
+        let pack_name = if compress { PACK_ZST_NAME } else { PACK_NAME };
+        let pack_path = dir.join(pack_name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&pack_path)
+            .with_context(|| format!("creating {}", pack_path.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            names: HashSet::new(),
+            pages: PageStoreWriter::to_file(f, compress)?,
+            pack_name,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn write_json<T: Serialize>(&mut self, name: &str, v: &T) -> Result<()> {
+        let b = serde_json::to_vec_pretty(v).with_context(|| format!("encoding {name}"))?;
+        self.write_bytes(name, &b)
+    }
+
+    pub fn write_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        check_name(name)?;
+        ensure!(!reserved(name), "file name {name:?} is reserved for the image itself");
+        ensure!(!self.names.contains(name), "image file {name} written twice");
+        let path = self.dir.join(name);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(data).with_context(|| format!("writing {}", path.display()))?;
+        self.names.insert(name.to_string());
+        self.files.push(ManifestFile { name: name.to_string(), size: data.len() as u64, xxh3: hex64(xxh3_64(data)) });
+        Ok(())
+    }
+
+    /// Write a page map (sorted by address) as `name`. Every hash must have
+    /// been added to this image's page store.
+    pub fn write_pagemap(&mut self, name: &str, entries: &[(u64, PageHash)]) -> Result<()> {
+        for &(addr, h) in entries {
+            ensure!(self.pages.contains(h), "page map {name}: page at {addr:#x} ({h:032x}) is not in the page store");
+        }
+        let b = encode_pagemap(entries).with_context(|| format!("page map {name}"))?;
+        self.write_bytes(name, &b)
+    }
+
+    pub fn pages(&mut self) -> &mut PageStoreWriter {
+        &mut self.pages
+    }
+
+    /// Flush the page store, write the manifest and `inventory.json` last.
+    pub fn finish(mut self, inv: Inventory) -> Result<()> {
+        let summary = self.pages.finish().context("finishing the page store")?;
+        let idx_path = self.dir.join(INDEX_NAME);
+        std::fs::write(&idx_path, &summary.index).with_context(|| format!("writing {}", idx_path.display()))?;
+        self.files.push(ManifestFile {
+            name: INDEX_NAME.into(),
+            size: summary.index.len() as u64,
+            xxh3: hex64(xxh3_64(&summary.index)),
+        });
+        self.files.push(ManifestFile {
+            name: self.pack_name.into(),
+            size: summary.pack_bytes,
+            xxh3: hex64(summary.pack_xxh3),
+        });
+        let manifest = Manifest {
+            files: self.files,
+            page_store: PageStoreInfo {
+                pack: self.pack_name.into(),
+                index: INDEX_NAME.into(),
+                pages: summary.pages,
+                compression: if summary.compressed { "zstd" } else { "none" }.into(),
+            },
+        };
+        // Everything else must be on disk before the inventory says the
+        // image is complete.
+        let d = File::open(&self.dir).with_context(|| format!("open {}", self.dir.display()))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).with_context(|| format!("syncfs {}", self.dir.display()))?;
+        let body = serde_json::to_vec_pretty(&InventoryFile { inventory: inv, manifest }).context("encoding inventory")?;
+        let tmp = self.dir.join("inventory.json.tmp");
+        {
+            let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(&body).with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+        }
+        let fin = self.dir.join(INVENTORY_NAME);
+        std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
+        d.sync_all().with_context(|| format!("fsync {}", self.dir.display()))?;
+        Ok(())
+    }
+}
+
+/// Open a file of the image without following symlinks.
+fn open_in(dir: &Path, name: &str) -> Result<(File, u64)> {
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("image file {name}: cannot open {}", path.display()))?;
+    let md = f.metadata().with_context(|| format!("image file {name}: stat"))?;
+    ensure!(md.is_file(), "image file {name} is not a regular file");
+    Ok((f, md.len()))
+}
+
+/// Stream the file through xxh3-64.
+fn hash_file(f: &mut File, name: &str) -> Result<(u64, u64)> {
+    let mut h = Xxh3Default::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf).with_context(|| format!("reading image file {name}"))?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    Ok((n, h.digest()))
+}
+
+pub struct ImageReader {
+    dir: PathBuf,
+    inv: Inventory,
+    manifest: Manifest,
+    files: HashMap<String, ManifestFile>,
+    store: PageStoreReader,
+}
+
 impl ImageReader {
     /// Open and validate (version, arch, manifest sizes and checksums).
-    pub fn open(dir: &Path) -> Result<Self> { let _ = dir; todo!() }
-    pub fn inventory(&self) -> &Inventory { todo!() }
-    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> { let _ = name; todo!() }
-    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> { let _ = name; todo!() }
-    pub fn pagemap(&self, name: &str) -> Result<Vec<(u64, PageHash)>> { let _ = name; todo!() }
-    pub fn pages(&self) -> Result<PageStoreReader> { todo!() }
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_inner(dir).with_context(|| format!("image {}", dir.display()))
+    }
+
+    fn open_inner(dir: &Path) -> Result<Self> {
+        let (f, len) = match open_in(dir, INVENTORY_NAME) {
+            Ok(x) => x,
+            Err(e) if !dir.join(INVENTORY_NAME).exists() => {
+                return Err(e).context("no inventory.json: not an image, or an incomplete dump");
+            }
+            Err(e) => return Err(e),
+        };
+        ensure!(len <= MAX_INVENTORY_BYTES, "inventory.json is {len} bytes (limit {MAX_INVENTORY_BYTES})");
+        let mut body = Vec::new();
+        f.take(MAX_INVENTORY_BYTES + 1).read_to_end(&mut body).context("reading inventory.json")?;
+        ensure!(body.len() as u64 <= MAX_INVENTORY_BYTES, "inventory.json is larger than {MAX_INVENTORY_BYTES} bytes");
+
+        // Check the version before the rest of the schema, so a newer image
+        // says so instead of failing on a field it does not know.
+        let v: serde_json::Value = serde_json::from_slice(&body).context("inventory.json is not valid JSON")?;
+        let ver = v.get("format_version").context("inventory.json has no format_version")?;
+        let ver = ver.as_u64().with_context(|| format!("inventory.json: format_version {ver} is not a number"))?;
+        ensure!(
+            ver == FORMAT_VERSION as u64,
+            "image format version {ver}, this snap reads version {FORMAT_VERSION}"
+        );
+        let invf: InventoryFile = serde_json::from_value(v).context("inventory.json")?;
+        let inv = invf.inventory;
+        let manifest = invf.manifest;
+        ensure!(inv.arch == ARCH, "image is for architecture {:?}, this is {ARCH}", inv.arch);
+
+        let mut files = HashMap::new();
+        for mf in &manifest.files {
+            check_name(&mf.name).context("manifest")?;
+            ensure!(mf.name != INVENTORY_NAME, "manifest lists {INVENTORY_NAME} itself");
+            ensure!(mf.xxh3.len() == 16, "manifest: {}: checksum {:?} is not 16 hex digits", mf.name, mf.xxh3);
+            u64::from_str_radix(&mf.xxh3, 16)
+                .with_context(|| format!("manifest: {}: checksum {:?} is not hex", mf.name, mf.xxh3))?;
+            ensure!(files.insert(mf.name.clone(), mf.clone()).is_none(), "manifest lists {} twice", mf.name);
+        }
+        let ps = &manifest.page_store;
+        let compressed = match (ps.compression.as_str(), ps.pack.as_str()) {
+            ("none", PACK_NAME) => false,
+            ("zstd", PACK_ZST_NAME) => true,
+            (c, p) => bail!("manifest: page store compression {c:?} with pack {p:?} is not supported"),
+        };
+        ensure!(ps.index == INDEX_NAME, "manifest: page store index {:?} (expected {INDEX_NAME})", ps.index);
+        ensure!(files.contains_key(&ps.pack), "manifest: page pack {} is not listed", ps.pack);
+        ensure!(files.contains_key(&ps.index), "manifest: page index {} is not listed", ps.index);
+
+        // Sizes and checksums of every file but the uncompressed pack, which
+        // is checked through its mapping below (one pass instead of two).
+        for mf in &manifest.files {
+            let (mut f, size) = open_in(dir, &mf.name)?;
+            ensure!(size == mf.size, "image file {}: size {size}, manifest says {}", mf.name, mf.size);
+            if !compressed && mf.name == ps.pack {
+                continue;
+            }
+            let (n, x) = hash_file(&mut f, &mf.name)?;
+            ensure!(n == mf.size, "image file {}: read {n} bytes, manifest says {}", mf.name, mf.size);
+            ensure!(hex64(x) == mf.xxh3, "image file {}: checksum {} does not match the manifest ({})", mf.name, hex64(x), mf.xxh3);
+        }
+        let index = read_listed(dir, &files, &ps.index)?;
+        ensure!(
+            index.len() as u64 / 16 == ps.pages,
+            "manifest says {} pages, {} lists {}",
+            ps.pages,
+            ps.index,
+            index.len() / 16
+        );
+        let store = PageStoreReader::load(&dir.join(&ps.pack), compressed, &index)
+            .with_context(|| format!("page store {}", ps.pack))?;
+        if !compressed {
+            let x = hex64(xxh3_64(store.pack_bytes()));
+            let mf = &files[&ps.pack];
+            ensure!(x == mf.xxh3, "image file {}: checksum {x} does not match the manifest ({})", mf.name, mf.xxh3);
+        }
+        Ok(Self { dir: dir.to_path_buf(), inv, manifest, files, store })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inv
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// True if the manifest lists `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let b = self.read_bytes(name)?;
+        serde_json::from_slice(&b).with_context(|| format!("image {}: {name}", self.dir.display()))
+    }
+
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        read_listed(&self.dir, &self.files, name).with_context(|| format!("image {}", self.dir.display()))
+    }
+
+    pub fn pagemap(&self, name: &str) -> Result<Vec<(u64, PageHash)>> {
+        let b = self.read_bytes(name)?;
+        let m = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
+        for &(addr, h) in &m {
+            ensure!(
+                self.store.contains(h),
+                "image {}: page map {name}: page at {addr:#x} ({h:032x}) is not in the page store",
+                self.dir.display()
+            );
+        }
+        Ok(m)
+    }
+
+    pub fn pages(&self) -> Result<PageStoreReader> {
+        Ok(self.store.clone())
+    }
+}
+
+/// Read a file the manifest lists, checking its size and checksum again
+/// (the directory may have changed since `open`).
+fn read_listed(dir: &Path, files: &HashMap<String, ManifestFile>, name: &str) -> Result<Vec<u8>> {
+    let mf = files.get(name).with_context(|| format!("{name} is not in the image manifest"))?;
+    let (f, size) = open_in(dir, name)?;
+    ensure!(size == mf.size, "image file {name}: size {size}, manifest says {}", mf.size);
+    let mut b = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 30));
+    f.take(mf.size).read_to_end(&mut b).with_context(|| format!("reading image file {name}"))?;
+    ensure!(b.len() as u64 == mf.size, "image file {name}: read {} bytes, manifest says {}", b.len(), mf.size);
+    let x = hex64(xxh3_64(&b));
+    ensure!(x == mf.xxh3, "image file {name}: checksum {x} does not match the manifest ({})", mf.xxh3);
+    Ok(b)
 }
