@@ -622,3 +622,17 @@ mod tests {
         );
     }
 }
+
+impl PageStoreReader {
+    /// Offset of a page inside `bytes()`: restore widens runs of pages that
+    /// are adjacent in the pack into one slice for `process_vm_writev`.
+    pub fn page_offset(&self, hash: PageHash) -> Result<usize> {
+        let i = *self.inner.index.get(&hash).with_context(|| format!("page {hash:032x} is not in the page store"))?;
+        Ok(i as usize * PAGE_SIZE)
+    }
+
+    /// Every page of the store, back to back.
+    pub fn bytes(&self) -> &[u8] {
+        self.inner.data.bytes()
+    }
+}

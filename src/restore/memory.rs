@@ -143,24 +143,25 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
 
     // 4. Memory contents, in runs that are contiguous both in the target and
     //    in the page store (a fresh dump stores pages in address order).
-    let mut iov: Vec<(RemoteAddr, &[u8])> = Vec::new();
+    let mut runs: Vec<(u64, usize, usize)> = Vec::new(); // (addr, pack offset, len)
     for &(addr, h) in &map {
-        let page = store.page(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
-        if let Some(last) = iov.last_mut() {
-            let contiguous_remote = last.0 .0 + last.1.len() as u64 == addr;
-            let contiguous_local = last.1.as_ptr() as usize + last.1.len() == page.as_ptr() as usize;
-            if contiguous_remote && contiguous_local {
-                // SAFETY-free widening: both slices come from the same store
-                // buffer and are adjacent, so the union is one valid slice.
-                last.1 = store.span(last.1, page.len());
+        let off = store.page_offset(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
+        if let Some(last) = runs.last_mut() {
+            if last.0 + last.2 as u64 == addr && last.1 + last.2 == off {
+                last.2 += PAGE_SIZE;
                 continue;
             }
         }
-        iov.push((RemoteAddr(addr), page));
+        runs.push((addr, off, PAGE_SIZE));
     }
+    let bytes = store.bytes();
+    let iov: Vec<(RemoteAddr, &[u8])> = runs
+        .iter()
+        .map(|&(a, o, l)| bytes.get(o..o + l).map(|s| (RemoteAddr(a), s)))
+        .collect::<Option<_>>()
+        .with_context(|| format!("pid {pid}: page beyond the end of the page store"))?;
     crate::parasite::remote::write_mem_iov(crate::types::Pid(r.host), &iov)
         .with_context(|| format!("pid {pid}: writing {} pages of memory", map.len()))?;
-    let _ = PAGE_SIZE;
 
     // 5. Protections as they were.
     for (s, len, prot) in reprotect {
