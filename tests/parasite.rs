@@ -360,3 +360,28 @@ fn dump_pages_throughput() {
     par.cure().unwrap();
     detach_all(&tids);
 }
+
+#[test]
+fn sigtrap_ignored_and_blocked_is_left_alone() {
+    let code = "import signal,time\nsignal.signal(signal.SIGTRAP, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTRAP])\nprint('ready', 0, 0, 0, flush=True)\ntime.sleep(1000)\n";
+    let mut p = Proc::spawn(Command::new("python3").args(["-c", code]));
+    assert!(p.line().starts_with("ready"));
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = p.pid();
+    let tids = seize_all(pid);
+    let before = snapshot(pid, &tids);
+    let ign = |pid: Pid| {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", pid.0)).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim().to_string()
+    };
+    let ign_before = ign(pid);
+    let mut par = Parasite::inject(pid, &tids).unwrap();
+    let acts = par.sigactions().unwrap();
+    assert_eq!(acts[libc::SIGTRAP as usize - 1].handler, 1);
+    let acts = par.sigactions().unwrap();
+    assert_eq!(acts[libc::SIGTRAP as usize - 1].handler, 1);
+    par.cure().unwrap();
+    assert_eq!(before, snapshot(pid, &tids));
+    assert_eq!(ign_before, ign(pid));
+    detach_all(&tids);
+}
