@@ -218,6 +218,12 @@ fn python_inject_dump_fds_sigactions_cure() {
     assert_eq!(acts[libc::SIGTERM as usize - 1].handler, 0);
     assert_eq!(acts[libc::SIGPIPE as usize - 1].handler, 1); // python ignores SIGPIPE
 
+    // A signal sent while the parasite is in stays pending (all blocked),
+    // and the parasite keeps working.
+    // SAFETY: plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid.0, libc::SIGUSR1) }, 0);
+    assert_eq!(par.sigactions().unwrap().len(), 64);
+
     // Misc state.
     let it = par.itimers().unwrap();
     assert_eq!(it.real.value_us, 0);
@@ -237,6 +243,9 @@ fn python_inject_dump_fds_sigactions_cure() {
     par.cure().unwrap();
     let after = snapshot(pid, &tids);
     assert_eq!(before, after);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.0)).unwrap();
+    let shd = status.lines().find_map(|l| l.strip_prefix("ShdPnd:")).unwrap().trim();
+    assert_ne!(u64::from_str_radix(shd, 16).unwrap() & (1 << (libc::SIGUSR1 - 1)), 0, "SIGUSR1 pending");
     detach_all(&tids);
 
     // Still alive: main thread answers, and (e) the reader thread blocked in
@@ -288,11 +297,23 @@ fn remote_syscall_in_blocked_thread() {
     let r = remote::syscall_in(t, at, libc::SYS_close, [9999, 0, 0, 0, 0, 0]).unwrap();
     assert_eq!(r, -libc::EBADF as i64);
     assert_eq!(format!("{:?}", regs), format!("{:?}", ptrace::get_regs(t).unwrap()));
+    // From a syscall-exit stop (as restore uses it).
+    let r = remote::syscall_in_keep(t, at, libc::SYS_getpid, [0; 6]).unwrap();
+    assert_eq!(r, pid.0 as i64);
+    let r = remote::syscall_in(t, at, libc::SYS_getppid, [0; 6]).unwrap();
+    assert_eq!(r, std::process::id() as i64);
+    ptrace::set_regs(t, &regs).unwrap();
+    assert!(remote::needs_restart(&regs), "sleep should be in an interrupted nanosleep");
+    remote::park(t).unwrap();
+    assert_eq!(format!("{:?}", regs), format!("{:?}", ptrace::get_regs(t).unwrap()));
     assert!(ptrace::get_xstate(t).unwrap().len() >= 512);
     assert!(ptrace::peek_siginfo(t, true).unwrap().is_empty());
     let _ = ptrace::rseq_config(t).unwrap();
     let _ = ptrace::get_robust_list(t).unwrap();
     detach_all(&tids);
+    std::thread::sleep(Duration::from_millis(200));
+    let st = std::fs::read_to_string(format!("/proc/{}/stat", pid.0)).unwrap();
+    assert!(st.contains(") S "), "sleep should sleep on: {st}");
 }
 
 #[test]
@@ -337,5 +358,30 @@ fn dump_pages_throughput() {
     assert_eq!(m, pages.len() * 4096);
     eprintln!("dump_pages: {} single-page ranges in {:.3}s", pages.len(), t0.elapsed().as_secs_f64());
     par.cure().unwrap();
+    detach_all(&tids);
+}
+
+#[test]
+fn sigtrap_ignored_and_blocked_is_left_alone() {
+    let code = "import signal,time\nsignal.signal(signal.SIGTRAP, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTRAP])\nprint('ready', 0, 0, 0, flush=True)\ntime.sleep(1000)\n";
+    let mut p = Proc::spawn(Command::new("python3").args(["-c", code]));
+    assert!(p.line().starts_with("ready"));
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = p.pid();
+    let tids = seize_all(pid);
+    let before = snapshot(pid, &tids);
+    let ign = |pid: Pid| {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", pid.0)).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim().to_string()
+    };
+    let ign_before = ign(pid);
+    let mut par = Parasite::inject(pid, &tids).unwrap();
+    let acts = par.sigactions().unwrap();
+    assert_eq!(acts[libc::SIGTRAP as usize - 1].handler, 1);
+    let acts = par.sigactions().unwrap();
+    assert_eq!(acts[libc::SIGTRAP as usize - 1].handler, 1);
+    par.cure().unwrap();
+    assert_eq!(before, snapshot(pid, &tids));
+    assert_eq!(ign_before, ign(pid));
     detach_all(&tids);
 }

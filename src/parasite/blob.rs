@@ -71,7 +71,7 @@ mod tests {
     #[test]
     fn loads_and_relocates() {
         let b = super::load(0x7000_0000_0000).unwrap();
-        assert!(b.image.len() >= 4096 && b.image.len() % 4096 == 0);
+        assert!(b.image.len() >= 4096 && b.image.len().is_multiple_of(4096));
         assert!(b.entry > 0);
     }
 }

@@ -136,7 +136,7 @@ pub(crate) fn requeue(tid: Tid, sigs: &[i32]) -> Result<()> {
 
 /// Does this register set stand for a system call the kernel will restart
 /// (rewind `rip`) when the thread next passes through its signal path?
-pub(crate) fn needs_restart(r: &libc::user_regs_struct) -> bool {
+pub fn needs_restart(r: &libc::user_regs_struct) -> bool {
     (r.orig_rax as i64) >= 0 && matches!(r.rax as i64, -512 | -513 | -514 | -516)
 }
 
@@ -146,6 +146,15 @@ pub(crate) fn needs_restart(r: &libc::user_regs_struct) -> bool {
 /// the registers and the thread stops in a `PTRACE_EVENT_STOP`, as after
 /// the original PTRACE_INTERRUPT. From a syscall-exit stop the kernel would
 /// otherwise return `-ERESTARTSYS` to user space.
+///
+/// Restore can use [`park`] after setting a thread's final registers in a
+/// syscall-exit stop when [`needs_restart`] says so.
+pub fn park(tid: Tid) -> Result<()> {
+    let mut stash = Vec::new();
+    repark(tid, &mut stash)?;
+    requeue(tid, &stash)
+}
+
 pub(crate) fn repark(tid: Tid, stash: &mut Vec<i32>) -> Result<()> {
     ptrace::interrupt(tid)?;
     ptrace::cont(tid, 0)?;
