@@ -576,3 +576,13 @@ fn fuzz_loader_plain() {
 fn fuzz_loader_zstd() {
     fuzz(true, 1500, 0x5eed_0002);
 }
+
+#[test]
+fn show_runs() {
+    let t = TempDir::new("show");
+    build_image(t.path(), true);
+    snap::images::show::run(t.path(), false).unwrap();
+    snap::images::show::run(t.path(), true).unwrap();
+    let e = TempDir::new("show-missing");
+    assert!(snap::images::show::run(e.path(), false).is_err());
+}
