@@ -31,6 +31,26 @@ use std::time::Instant;
 type ShmemPages = BTreeMap<u64, BTreeMap<u64, PageHash>>;
 
 pub fn run(a: &DumpArgs) -> Result<()> {
+    let existed = a.dir.exists();
+    let r = dump(a);
+    if r.is_err() {
+        // Never leave a half-written image behind: it would only mislead.
+        remove_partial(&a.dir, existed);
+    }
+    r
+}
+
+fn remove_partial(dir: &std::path::Path, existed: bool) {
+    if !existed {
+        let _ = std::fs::remove_dir_all(dir);
+    } else if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn dump(a: &DumpArgs) -> Result<()> {
     let t0 = Instant::now();
     let roots: Vec<Pid> = a.tree.iter().map(|&p| Pid(p)).collect();
     if roots.iter().any(|p| p.0 == std::process::id() as i32) {
@@ -70,6 +90,8 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         p.shared_pending = threads::shared_pending(tids[0])?;
         p.vmas = mm::read_vmas(pid).with_context(|| format!("{pid}: reading mappings"))?;
 
+        // Listed before the parasite adds its own transport descriptors.
+        let fds = kinds::list_fds(pid)?;
         let mut par = Parasite::inject(pid, &tids).with_context(|| format!("{pid}: injecting the parasite"))?;
         p.sigactions = par.sigactions().with_context(|| format!("{pid}: reading signal handlers"))?;
         p.itimers = par.itimers().with_context(|| format!("{pid}: reading itimers"))?;
@@ -83,7 +105,6 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         p.threads = ths;
 
         // Descriptors: taken over SCM_RIGHTS, described kind by kind.
-        let fds = kinds::list_fds(pid)?;
         let taken = par.take_fds(&fds).with_context(|| format!("{pid}: taking descriptors"))?;
         let pairs: Vec<_> = fds.into_iter().zip(taken).collect();
         p.fds = fctx.dump_fds(pid, &pairs)?;

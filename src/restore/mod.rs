@@ -101,6 +101,11 @@ fn load(img: &ImageReader) -> Result<Plan> {
     Ok(Plan { procs, files, roots: inv.roots.clone() })
 }
 
+fn current_pgid(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].split_whitespace().nth(2)?.parse().ok()
+}
+
 fn pid_owner(pid: i32) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let comm = s.find('(').zip(s.rfind(')')).map(|(a, b)| s[a + 1..b].to_string()).unwrap_or_default();
@@ -225,8 +230,10 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
         let mut order: Vec<&ProcessImage> = live.iter().map(|p| &plan.procs[p]).collect();
         order.sort_by_key(|p| p.pgid != p.pid);
         for p in order {
-            if !plan.procs.contains_key(&p.pgid) {
-                continue; // group outside the image: keep the inherited one
+            if !plan.procs.contains_key(&p.pgid) || p.sid == p.pid || current_pgid(p.pid) == Some(p.pgid) {
+                // A group outside the image keeps the inherited one; a
+                // session leader already leads its own group.
+                continue;
             }
             let mut r = remote::Remote { host: p.pid, tid: Tid(p.pid), ctl: pool.ctl };
             r.call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])
