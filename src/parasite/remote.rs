@@ -197,6 +197,13 @@ fn run_injected(tid: Tid, stash: &mut Vec<i32>) -> Result<i64> {
                     bail!("{tid} was not seized with PTRACE_O_TRACESYSGOOD (use sys::ptrace::seize)");
                 }
             }
+            if matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE) {
+                // A fault of the injected code itself would repeat forever.
+                let si = ptrace::get_siginfo(tid)?;
+                let addr = u64::from_ne_bytes(si[16..24].try_into().expect("8 bytes"));
+                let rip = ptrace::get_regs(tid).map(|r| r.rip).unwrap_or(0);
+                bail!("{tid}: signal {sig} (fault address {addr:#x}, rip {rip:#x}) during a remote system call");
+            }
             // Suppress now, send again once the thread is ours no more.
             stash.push(sig);
         } else {

@@ -44,6 +44,13 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     let pid = p.pid;
     let cur = current_maps(r.host)?;
 
+    // 0. The rseq area snap's copy registered lives in memory about to be
+    //    unmapped; the kernel would fault on it at every return to user.
+    if let Some(rs) = crate::sys::ptrace::rseq_config(r.tid)? {
+        r.call(libc::SYS_rseq, [rs.ptr, rs.len as u64, 1 /* RSEQ_FLAG_UNREGISTER */, rs.sig as u64, 0, 0])
+            .with_context(|| format!("pid {pid}: unregistering snap's rseq area"))?;
+    }
+
     // 1. Unmap everything but the control area, the kernel's special
     //    mappings (moved below) and [vsyscall] (fixed, cannot be unmapped).
     for v in &cur {
