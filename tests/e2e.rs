@@ -51,6 +51,8 @@ fn bash_pipeline_counter_continues() {
     wait_counter_past(&file, 0, 10, secs(30));
     let before = tree(pid);
     assert!(before.len() >= 3, "expected bash, loop subshell and cat: {before:?}");
+    // Which of them are the short-lived `sleep 0.05`, seen while they live.
+    let long_lived: Vec<i32> = before.iter().copied().filter(|p| !cmdline(*p).starts_with(b"sleep")).collect();
     let img = t.sub("img");
     dump_kill(&[pid], &img, &[]);
     let at_dump = last_number(&file).unwrap();
@@ -61,7 +63,7 @@ fn bash_pipeline_counter_continues() {
     assert_consecutive(&nums, "counter file after restore");
     // `sleep 0.05` children come and go; the long-lived ones must be back.
     let after = tree(pid);
-    for p in before.iter().filter(|p| !cmdline(**p).starts_with(b"sleep")) {
+    for p in &long_lived {
         assert!(after.contains(p), "pid {p} of the pipeline missing after restore: before {before:?}, after {after:?}");
     }
 }

@@ -83,22 +83,25 @@ pub fn process_signals(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<
 /// Per-thread kernel state only the thread can set on itself.
 pub fn thread_state(r: &mut Remote, th: &ThreadImage, pool: &Pool) -> Result<()> {
     let who = format!("tid {}", th.tid);
-    if th.robust_list != 0 {
-        r.call(libc::SYS_set_robust_list, [th.robust_list, th.robust_list_len, 0, 0, 0, 0])
-            .with_context(|| format!("{who}: set_robust_list"))?;
-    }
+    // Always set, even to nothing: the thread otherwise keeps what snap's
+    // copy had registered (Rust's alternate signal stack, glibc's robust
+    // list), pointing into memory that is gone.
+    r.call(libc::SYS_set_robust_list, [th.robust_list, th.robust_list_len.max(24), 0, 0, 0, 0])
+        .with_context(|| format!("{who}: set_robust_list"))?;
     if let Some(rs) = &th.rseq {
         r.call(libc::SYS_rseq, [rs.ptr, rs.len as u64, 0, rs.sig as u64, 0, 0]).with_context(|| format!("{who}: rseq"))?;
     }
     r.call(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0])
         .with_context(|| format!("{who}: set_tid_address"))?;
     let ss = &th.sigaltstack;
-    if ss.flags & libc::SS_DISABLE == 0 && ss.size != 0 {
-        let flags = (ss.flags & !libc::SS_ONSTACK) as u64;
-        let b: Vec<u8> = [ss.sp, flags, ss.size].iter().flat_map(|x| x.to_ne_bytes()).collect();
-        r.write(pool.scratch(), &b)?;
-        r.call(libc::SYS_sigaltstack, [pool.scratch(), 0, 0, 0, 0, 0]).with_context(|| format!("{who}: sigaltstack"))?;
-    }
+    let (sp, flags, size) = if ss.flags & libc::SS_DISABLE != 0 || ss.size == 0 {
+        (0, libc::SS_DISABLE as u64, 0)
+    } else {
+        (ss.sp, (ss.flags & !libc::SS_ONSTACK) as u64, ss.size)
+    };
+    let b: Vec<u8> = [sp, flags, size].iter().flat_map(|x| x.to_ne_bytes()).collect();
+    r.write(pool.scratch(), &b)?;
+    r.call(libc::SYS_sigaltstack, [pool.scratch(), 0, 0, 0, 0, 0]).with_context(|| format!("{who}: sigaltstack"))?;
     let mut name = th.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
