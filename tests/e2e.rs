@@ -638,3 +638,49 @@ fn restore_fails_when_pid_taken() {
     assert_eq!(tree(pid), vec![pid], "failed restore left processes behind");
     assert_eq!(cmdline(pid), b"sleep\x001000\x00");
 }
+
+// ------------------------------------------------------------------ timers
+
+fn timer_ids(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/timers"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("ID:") || l.starts_with("signal:") || l.starts_with("ClockID:"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn timer_counts(d: &Path, pid: i32) -> (u64, u64) {
+    let res = signal_and_result(d, pid, libc::SIGUSR1, "result", secs(30));
+    assert_ok(&res, "timers");
+    let mut it = res.split_whitespace().skip(1).map(|x| x.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// POSIX timers keep their ids, clocks, signal and si_value, the armed one
+/// keeps firing at its interval and the disarmed one stays disarmed; the
+/// ITIMER_REAL interval timer keeps firing too.
+#[test]
+fn posix_timers_and_itimer_continue() {
+    let _l = lock();
+    let bin = need!(fx("timers"), "posix_timers_and_itimer_continue", "gcc not found");
+    let t = TempDir::new("timers");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let ids_before = timer_ids(pid);
+    assert_eq!(ids_before.iter().filter(|l| l.starts_with("ID:")).count(), 2, "{ids_before:?}");
+    let (p1, i1) = timer_counts(&d, pid);
+    let _ = fs::remove_file(d.join("result"));
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, &r, &[pid]);
+    assert_eq!(timer_ids(pid), ids_before, "POSIX timers differ after restore");
+    let (p2, i2) = wait_for("both timers to fire after restore", secs(30), || {
+        let _ = fs::remove_file(d.join("result"));
+        let (p, i) = timer_counts(&d, pid);
+        (p > p1 + 5 && i > i1 + 5).then_some((p, i))
+    });
+    assert!(p2 > p1 && i2 > i1);
+}

@@ -124,6 +124,7 @@ fn proc_image(pid: i32, ppid: i32) -> ProcessImage {
             clear_child_tid: 0,
         }],
         children: vec![],
+        posix_timers: Vec::new(),
     }
 }
 

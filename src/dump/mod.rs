@@ -14,6 +14,7 @@ pub mod mm;
 pub mod proc;
 pub mod seize;
 pub mod threads;
+pub mod timers;
 
 use crate::cli::DumpArgs;
 use crate::images::records::*;
@@ -95,6 +96,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
         let mut par = Parasite::inject(pid, &tids).with_context(|| format!("{pid}: injecting the parasite"))?;
         p.sigactions = par.sigactions().with_context(|| format!("{pid}: reading signal handlers"))?;
         p.itimers = par.itimers().with_context(|| format!("{pid}: reading itimers"))?;
+        p.posix_timers = timers::dump(pid, tids[0], &mut par)?;
         for (th, &t) in ths.iter_mut().zip(&tids) {
             let (ss, ctid) = par.thread_misc(t).with_context(|| format!("{pid} {t}: sigaltstack/tid address"))?;
             th.sigaltstack = ss;

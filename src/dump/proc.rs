@@ -276,6 +276,7 @@ fn read_process_inner(pid: Pid) -> Result<ProcessImage> {
         shared_pending: Vec::new(),
         threads: Vec::new(),
         children: read_children(pid)?,
+        posix_timers: Vec::new(),
     })
 }
 

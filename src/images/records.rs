@@ -76,6 +76,25 @@ pub struct ProcessImage {
     pub threads: Vec<ThreadImage>,
     /// Children in creation order (ascending pid of the dump).
     pub children: Vec<i32>,
+    /// POSIX timers (timer_create), with their ids.
+    #[serde(default)]
+    pub posix_timers: Vec<PosixTimer>,
+}
+
+/// One POSIX timer, armed or not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// SIGEV_SIGNAL (0), SIGEV_NONE (1) or SIGEV_THREAD_ID (4).
+    pub notify: i32,
+    /// Target thread for SIGEV_THREAD_ID.
+    pub notify_tid: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// Remaining time until the next expiry (0: disarmed) and the interval.
+    pub value_ns: u64,
+    pub interval_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

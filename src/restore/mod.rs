@@ -248,6 +248,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
             attached.extend(tids.iter().skip(1));
             threads.insert(pid, tids.clone());
             task::process_signals(&mut r, p, &pool)?;
+            task::posix_timers(&mut r, p, &pool)?;
             for (th, &t) in p.threads.iter().zip(&tids) {
                 let mut rt = r.on(t);
                 task::thread_state(&mut rt, th, &pool)?;

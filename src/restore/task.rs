@@ -17,7 +17,14 @@ pub fn seize(tid: Tid) -> Result<()> {
     ptrace::interrupt(tid.nix()).with_context(|| format!("{tid}: PTRACE_INTERRUPT"))?;
     loop {
         match waitpid(tid.nix(), Some(WaitPidFlag::__WALL)).with_context(|| format!("{tid}: waitpid"))? {
-            WaitStatus::PtraceEvent(..) => return Ok(()),
+            WaitStatus::PtraceEvent(..) => {
+                // Block every signal while we drive the thread: a timer armed
+                // during restore must not be delivered into half-restored
+                // state (it stays pending, with its siginfo, until the saved
+                // mask is put back at the very end).
+                pt::set_sigmask(tid, u64::MAX).with_context(|| format!("{tid}: blocking signals"))?;
+                return Ok(());
+            }
             WaitStatus::Stopped(_, sig) => {
                 // Nothing of ours sends signals here; pass it on.
                 ptrace::cont(tid.nix(), Some(sig))?;
@@ -71,7 +78,11 @@ pub fn process_signals(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<
         if v.value_us == 0 && v.interval_us == 0 {
             continue;
         }
-        let w = [v.interval_us / 1_000_000, v.interval_us % 1_000_000, v.value_us / 1_000_000, v.value_us % 1_000_000];
+        // A periodic timer that had just expired reads as value 0 until its
+        // signal (saved as pending) is dequeued and re-arms it; setitimer
+        // with value 0 would disarm it instead. Arm it one interval out.
+        let value = if v.value_us == 0 { v.interval_us } else { v.value_us };
+        let w = [v.interval_us / 1_000_000, v.interval_us % 1_000_000, value / 1_000_000, value % 1_000_000];
         let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
         r.write(pool.scratch(), &b)?;
         r.call(libc::SYS_setitimer, [which as u64, pool.scratch(), 0, 0, 0, 0])
@@ -193,5 +204,40 @@ pub fn final_regs(tid: Tid, th: &ThreadImage) -> Result<()> {
     let mut regs = words_to_regs(&th.regs)?;
     regs.orig_rax = u64::MAX;
     pt::set_regs(tid, &regs).with_context(|| format!("{tid}: registers"))?;
+    Ok(())
+}
+
+const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+
+/// POSIX timers with their saved ids (PR_TIMER_CREATE_RESTORE_IDS makes
+/// timer_create take the id it is given), armed with the time that was left.
+/// Threads must exist already: a timer may notify one of them.
+pub fn posix_timers(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()> {
+    if p.posix_timers.is_empty() {
+        return Ok(());
+    }
+    r.call(libc::SYS_prctl, [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0])
+        .with_context(|| format!("pid {}: PR_TIMER_CREATE_RESTORE_IDS (needs Linux 6.15 or later)", p.pid))?;
+    // /proc lists timers newest first: create them oldest first so the
+    // process's timer list comes back in the same order.
+    for t in p.posix_timers.iter().rev() {
+        let mut ev = [0u8; 64];
+        ev[0..8].copy_from_slice(&t.sigval.to_ne_bytes());
+        ev[8..12].copy_from_slice(&t.signo.to_ne_bytes());
+        ev[12..16].copy_from_slice(&t.notify.to_ne_bytes());
+        ev[16..20].copy_from_slice(&t.notify_tid.to_ne_bytes());
+        r.write(pool.scratch(), &ev)?;
+        r.write(pool.scratch() + 64, &t.id.to_ne_bytes())?;
+        r.call(libc::SYS_timer_create, [t.clock as u64, pool.scratch(), pool.scratch() + 64, 0, 0, 0])
+            .with_context(|| format!("pid {}: creating POSIX timer {} (clock {})", p.pid, t.id, t.clock))?;
+    }
+    r.call(libc::SYS_prctl, [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0])?;
+    for t in p.posix_timers.iter().filter(|t| t.value_ns != 0) {
+        let w = [t.interval_ns / 1_000_000_000, t.interval_ns % 1_000_000_000, t.value_ns / 1_000_000_000, t.value_ns % 1_000_000_000];
+        let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        r.write(pool.scratch(), &b)?;
+        r.call(libc::SYS_timer_settime, [t.id as u64, 0, pool.scratch(), 0, 0, 0])
+            .with_context(|| format!("pid {}: arming POSIX timer {}", p.pid, t.id))?;
+    }
     Ok(())
 }
