@@ -6,6 +6,7 @@
 
 mod common;
 use common::*;
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
@@ -683,4 +684,54 @@ fn posix_timers_and_itimer_continue() {
         (p > p1 + 5 && i > i1 + 5).then_some((p, i))
     });
     assert!(p2 > p1 && i2 > i1);
+}
+
+// ------------------------------------------------------------------ pid namespace
+
+/// `--pidns`: the image restores into a new pid namespace while the
+/// original still runs with the same PIDs; inside, the program has its
+/// saved PID and TIDs (NSpid), and its /proc shows them too.
+#[test]
+fn pidns_restore_beside_the_original() {
+    let _l = lock();
+    let py = need!(python3(), "pidns_restore_beside_the_original", "no python3");
+    let t = TempDir::new("pidns");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&py).arg(fixtures_src().join("py_threads.py")).arg(&d), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let tids_before = tids(pid);
+    let img = t.sub("img");
+    dump_ok(&[pid], &img, &["--leave-running"]);
+    let run = snap(&["restore", "-D", &img.to_string_lossy(), "-d", "--pidns", "--json"]);
+    assert!(run.ok(), "snap restore --pidns failed: {}", run.describe());
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("restore --json output");
+    let init = v["pidns_init"].as_i64().expect("pidns_init") as i32;
+    let host = v["host_pids"][pid.to_string()].as_i64().expect("host pid of the root") as i32;
+    r.add_all(&[init, host]);
+    assert_ne!(host, pid, "the copy must have another host PID");
+    assert!(alive(pid), "the original must keep running");
+    let nspid = status_field(host, "NSpid").unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some(pid.to_string().as_str()), "NSpid {nspid}");
+    // The threads have their saved TIDs inside the namespace.
+    let inner: BTreeSet<i32> = fs::read_dir(format!("/proc/{host}/task"))
+        .unwrap()
+        .map(|e| {
+            let tid = e.unwrap().file_name().to_string_lossy().to_string();
+            let ns = status_field_of(&format!("/proc/{host}/task/{tid}/status"), "NSpid").unwrap();
+            ns.split_whitespace().last().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(inner, tids_before, "TIDs inside the namespace");
+    // Its own /proc is the namespace's: /proc/self is the saved PID.
+    let st = fs::read_to_string(format!("/proc/{host}/root/proc/{pid}/status"))
+        .expect("the namespace's /proc shows the saved PID");
+    assert!(st.lines().any(|l| l == format!("NSpid:\t{pid}")), "namespace /proc: {st}");
+    // And it works: both the copy and the original answer.
+    let _ = fs::remove_file(d.join("state"));
+    let s = signal_and_result(&d, host, libc::SIGUSR1, "state", secs(30));
+    assert!(s.contains("\"ok\": true"), "restored copy: {s}");
+    let _ = fs::remove_file(d.join("state"));
+    let s = signal_and_result(&d, pid, libc::SIGUSR1, "state", secs(30));
+    assert!(s.contains("\"ok\": true"), "original: {s}");
 }

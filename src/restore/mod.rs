@@ -149,7 +149,7 @@ fn wait_ready(pool: &pool::Pool, n: usize) -> Result<()> {
         match nix::unistd::read(pool.ready_r, &mut buf) {
             Ok(0) => bail!("every restored process exited before getting ready ({got} of {n} ready)"),
             Ok(k) if k == tree::RECORD => {
-                let (pid, _host, status, msg) = tree::decode(&buf);
+                let (pid, status, msg) = tree::decode(&buf);
                 if status != 0 {
                     bail!("restoring pid {pid}: {msg}");
                 }
@@ -167,25 +167,75 @@ fn unsafe_fd(fd: i32) -> std::os::fd::BorrowedFd<'static> {
     crate::sys::borrow_fd(fd)
 }
 
+/// Host PIDs of the restored processes in a new pid namespace: the
+/// processes whose NSpid ends with the saved PID and whose pid namespace is
+/// that of our namespace init.
+fn host_pids(init: i32, saved: &[i32]) -> Result<BTreeMap<i32, i32>> {
+    let ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).context("reading the new pid namespace")?;
+    let mut map = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
+        let Some(h) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if std::fs::read_link(format!("/proc/{h}/ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        let Ok(st) = std::fs::read_to_string(format!("/proc/{h}/status")) else { continue };
+        let inner = st
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+        if let Some(n) = inner.filter(|n| saved.contains(n)) {
+            map.insert(n, h);
+        }
+    }
+    for s in saved {
+        if !map.contains_key(s) {
+            bail!("pid {s}: not found in the new pid namespace after creating it");
+        }
+    }
+    Ok(map)
+}
+
+/// Kills the namespace init (and with it the whole namespace) on failure.
+struct NsGuard(Option<i32>);
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(nix::unistd::Pid::from_raw(p), None);
+        }
+    }
+}
+
 pub fn run(a: &RestoreArgs) -> Result<i32> {
     let t0 = Instant::now();
-    if a.pidns {
-        bail!("--pidns is not implemented yet");
-    }
     // 1. Load and validate.
     let img = ImageReader::open(&a.dir)?;
     let plan = load(&img)?;
     let store = img.pages()?;
-    // 2. PIDs.
-    wait_pids_free(&plan)?;
+    // 2. PIDs (in a new pid namespace every PID is free).
+    if !a.pidns {
+        wait_pids_free(&plan)?;
+    }
     // 3. Pool.
     let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
     // 4. Fork the trees.
-    let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: true };
+    let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: !a.pidns };
     let live: Vec<i32> =
         plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
     let mut middle = None;
-    if a.detached {
+    let mut ns_init = NsGuard(None);
+    if a.pidns {
+        if plan.procs.contains_key(&1) {
+            bail!("the image holds a pid 1 (a namespace's init): restoring it as the init of a new namespace is not supported yet");
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
+        let m = crate::sys::clone::fork_with_pid(0).context("forking the namespace init")?;
+        if m == 0 {
+            tree::ns_init(&plan, &pool);
+        }
+        ns_init.0 = Some(m);
+    } else if a.detached {
         // An intermediate process creates the roots and exits, so they are
         // reparented to init (or our subreaper) like daemons.
         let m = crate::sys::clone::fork_with_pid(0).context("fork")?;
@@ -193,7 +243,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
             let mut code = 0;
             for &r in &plan.roots {
                 if let Err(e) = tree::spawn(&plan, &pool, r) {
-                    let msg = tree::encode(r, r, 1, &format!("{e:#}"));
+                    let msg = tree::encode(r, 1, &format!("{e:#}"));
                     let _ = crate::sys::process::write_raw(pool.ready_w, &msg);
                     code = 1;
                     break;
@@ -213,9 +263,13 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
         let _ = waitpid(nix::unistd::Pid::from_raw(m), None);
     }
     ready?;
+    // Saved PID -> PID as this host sees it (for ptrace and /proc).
+    let host: BTreeMap<i32, i32> = match ns_init.0 {
+        Some(init) => host_pids(init, &live)?,
+        None => live.iter().map(|&p| (p, p)).collect(),
+    };
 
     // 5. Seize; process groups.
-    let mut threads: BTreeMap<i32, Vec<Tid>> = BTreeMap::new();
     let mut attached: Vec<Tid> = Vec::new();
     let detach_all = |v: &Vec<Tid>| {
         for &t in v {
@@ -224,29 +278,30 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
     };
     let res = (|| -> Result<()> {
         for &pid in &live {
-            task::seize(Tid(pid)).with_context(|| format!("pid {pid}: seizing the restored process"))?;
-            attached.push(Tid(pid));
+            task::seize(Tid(host[&pid])).with_context(|| format!("pid {pid}: seizing the restored process"))?;
+            attached.push(Tid(host[&pid]));
         }
         let mut order: Vec<&ProcessImage> = live.iter().map(|p| &plan.procs[p]).collect();
         order.sort_by_key(|p| p.pgid != p.pid);
         for p in order {
-            if !plan.procs.contains_key(&p.pgid) || p.sid == p.pid || current_pgid(p.pid) == Some(p.pgid) {
+            let h = host[&p.pid];
+            if !plan.procs.contains_key(&p.pgid) || p.sid == p.pid || (!a.pidns && current_pgid(h) == Some(p.pgid)) {
                 // A group outside the image keeps the inherited one; a
                 // session leader already leads its own group.
                 continue;
             }
-            let mut r = remote::Remote { host: p.pid, tid: Tid(p.pid), ctl: pool.ctl };
+            let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
             r.call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])
                 .with_context(|| format!("pid {}: joining process group {}", p.pid, p.pgid))?;
         }
         // 6. Each process.
         for &pid in &live {
             let p = &plan.procs[&pid];
-            let mut r = remote::Remote { host: pid, tid: Tid(pid), ctl: pool.ctl };
+            let h = host[&pid];
+            let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
             memory::replace(&mut r, p, &pool, &img, &store)?;
             let tids = task::create_threads(&mut r, p, &pool)?;
             attached.extend(tids.iter().skip(1));
-            threads.insert(pid, tids.clone());
             task::process_signals(&mut r, p, &pool)?;
             task::posix_timers(&mut r, p, &pool)?;
             for (th, &t) in p.threads.iter().zip(&tids) {
@@ -268,7 +323,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
             }
             r.call_keep(libc::SYS_munmap, [pool.ctl, pool::CTL_MAPPED as u64, 0, 0, 0, 0])
                 .with_context(|| format!("pid {pid}: unmapping the control area"))?;
-            task::final_regs(Tid(pid), &p.threads[0])?;
+            task::final_regs(Tid(h), &p.threads[0])?;
         }
         Ok(())
     })();
@@ -280,22 +335,35 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
     created.armed = false;
     detach_all(&attached);
     drop(pool);
+    let init = ns_init.0.take();
 
+    let root_host = host.get(&plan.roots[0]).copied().unwrap_or(plan.roots[0]);
     if let Some(f) = &a.pidfile {
-        std::fs::write(f, format!("{}\n", plan.roots[0])).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::write(f, format!("{root_host}\n")).with_context(|| format!("writing {}", f.display()))?;
     }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"pids": plan.procs.keys().collect::<Vec<_>>(), "roots": plan.roots, "seconds": t0.elapsed().as_secs_f64()})
+            serde_json::json!({
+                "pids": plan.procs.keys().collect::<Vec<_>>(),
+                "roots": plan.roots,
+                "host_pids": host,
+                "pidns_init": init,
+                "seconds": t0.elapsed().as_secs_f64(),
+            })
         );
     }
     if a.detached {
         return Ok(0);
     }
-    // Stay the parent of the roots; exit with the first root's status.
+    // Stay the parent of the roots (or of the namespace init, which exits
+    // with the first root's status); exit with the first root's status.
+    let waited: Vec<i32> = match init {
+        Some(i) => vec![i],
+        None => plan.roots.clone(),
+    };
     let mut code = 0;
-    for (i, &r) in plan.roots.iter().enumerate() {
+    for (i, &r) in waited.iter().enumerate() {
         let st = loop {
             match waitpid(nix::unistd::Pid::from_raw(r), None) {
                 Err(nix::errno::Errno::EINTR) => continue,

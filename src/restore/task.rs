@@ -34,6 +34,14 @@ pub fn seize(tid: Tid) -> Result<()> {
     }
 }
 
+fn host_tids(host: i32) -> Result<Vec<i32>> {
+    let dir = format!("/proc/{host}/task");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {dir}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
 /// Create the other threads with their exact TIDs (remote clone3 with
 /// set_tid on the leader). Each new thread spins on the control area's
 /// `jmp .` until it is seized here.
@@ -51,9 +59,15 @@ pub fn create_threads(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<V
         let bytes: Vec<u8> = args.iter().flat_map(|x| x.to_ne_bytes()).collect();
         r.write(pool.scratch(), &bytes)?;
         r.write(set_tid, &t.tid.to_ne_bytes())?;
-        let new = r
-            .call(libc::SYS_clone3, [pool.scratch(), bytes.len() as u64, 0, 0, 0, 0])
-            .with_context(|| format!("pid {}: creating thread {}", p.pid, t.tid))? as i32;
+        let before = host_tids(r.host)?;
+        r.call(libc::SYS_clone3, [pool.scratch(), bytes.len() as u64, 0, 0, 0, 0])
+            .with_context(|| format!("pid {}: creating thread {}", p.pid, t.tid))?;
+        // clone3 answers in the process's pid namespace; ptrace wants the
+        // host's number (they differ under --pidns).
+        let fresh: Vec<i32> = host_tids(r.host)?.into_iter().filter(|x| !before.contains(x)).collect();
+        let [new] = fresh[..] else {
+            bail!("pid {}: expected one new thread after creating {}, found {:?}", p.pid, t.tid, fresh);
+        };
         let tid = Tid(new);
         seize(tid).with_context(|| format!("pid {}: seizing new thread {}", p.pid, t.tid))?;
         out.push(tid);

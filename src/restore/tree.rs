@@ -15,10 +15,9 @@ use std::os::fd::RawFd;
 /// One record on the ready pipe: fixed size, so writes are atomic.
 pub const RECORD: usize = 512;
 
-pub fn encode(pid: i32, host_pid: i32, status: i32, msg: &str) -> [u8; RECORD] {
+pub fn encode(pid: i32, status: i32, msg: &str) -> [u8; RECORD] {
     let mut b = [0u8; RECORD];
     b[0..4].copy_from_slice(&pid.to_ne_bytes());
-    b[4..8].copy_from_slice(&host_pid.to_ne_bytes());
     b[8..12].copy_from_slice(&status.to_ne_bytes());
     let m = msg.as_bytes();
     let n = m.len().min(RECORD - 12);
@@ -26,23 +25,15 @@ pub fn encode(pid: i32, host_pid: i32, status: i32, msg: &str) -> [u8; RECORD] {
     b
 }
 
-pub fn decode(b: &[u8]) -> (i32, i32, i32, String) {
+pub fn decode(b: &[u8]) -> (i32, i32, String) {
     let i = |o: usize| i32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
     let msg = String::from_utf8_lossy(&b[12..]).trim_end_matches('\0').to_string();
-    (i(0), i(4), i(8), msg)
+    (i(0), i(8), msg)
 }
 
 fn report(fd: RawFd, rec: &[u8; RECORD]) {
     // A short write cannot happen for <= PIPE_BUF bytes on a blocking pipe.
     let _ = crate::sys::process::write_raw(fd, rec);
-}
-
-/// Our PID as the host sees it (differs from getpid() inside --pidns).
-fn host_pid() -> i32 {
-    std::fs::read_link("/proc/self")
-        .ok()
-        .and_then(|p| p.to_str()?.parse().ok())
-        .unwrap_or_else(|| std::process::id() as i32)
 }
 
 /// Create process `pid` of the image as a child of the calling process.
@@ -61,12 +52,12 @@ pub fn spawn(plan: &Plan, pool: &Pool, pid: i32) -> Result<i32> {
         ProcState::Zombie { wait_status } => become_zombie(*wait_status),
         ProcState::Alive => match setup(plan, pool, p) {
             Ok(()) => {
-                report(pool.ready_w, &encode(pid, host_pid(), 0, ""));
+                report(pool.ready_w, &encode(pid, 0, ""));
                 wait_forever(pool.go_r);
                 0
             }
             Err(e) => {
-                report(pool.ready_w, &encode(pid, host_pid(), 1, &format!("{e:#}")));
+                report(pool.ready_w, &encode(pid, 1, &format!("{e:#}")));
                 1
             }
         },
@@ -155,5 +146,58 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
             let _ = nix::unistd::close(fd as RawFd);
         }
     }
+    Ok(())
+}
+
+/// The init of a new pid namespace (`--pidns`): a private mount namespace
+/// with its own /proc (so restored programs see their own PIDs there too),
+/// the roots as its children, then it reaps until the namespace is empty
+/// and exits with the first root's status.
+pub fn ns_init(plan: &Plan, pool: &Pool) -> ! {
+    let fail = |e: anyhow::Error| -> ! {
+        report(pool.ready_w, &encode(plan.roots[0], 1, &format!("{e:#}")));
+        crate::sys::process::exit_now(1)
+    };
+    if let Err(e) = private_proc() {
+        fail(e.context("setting up /proc for the new pid namespace"));
+    }
+    let mut roots = Vec::new();
+    for &r in &plan.roots {
+        match spawn(plan, pool, r) {
+            Ok(p) => roots.push(p),
+            Err(e) => fail(e),
+        }
+    }
+    // Hold none of the restored tree's descriptors (a pipe end held here
+    // would keep its reader from ever seeing end-of-file).
+    crate::sys::process::close_from(pool.base);
+    // Nor snap's stdio: whoever reads snap's output must see it end.
+    if let Ok(null) = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty()) {
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null, fd);
+        }
+        if null > 2 {
+            let _ = nix::unistd::close(null);
+        }
+    }
+    let mut code = 0;
+    loop {
+        match nix::sys::wait::waitpid(None, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(p, c)) if Some(&p.as_raw()) == roots.first() => code = c,
+            Ok(nix::sys::wait::WaitStatus::Signaled(p, s, _)) if Some(&p.as_raw()) == roots.first() => code = 128 + s as i32,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    crate::sys::process::exit_now(code)
+}
+
+fn private_proc() -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .context("making / private")?;
+    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .context("mounting /proc")?;
     Ok(())
 }

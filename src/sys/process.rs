@@ -55,3 +55,10 @@ pub fn default_signal(sig: i32) {
     // SAFETY: SIG_DFL installs no handler of ours.
     unsafe { libc::signal(sig, libc::SIG_DFL) };
 }
+
+/// Close every descriptor from `fd` up.
+pub fn close_from(fd: RawFd) {
+    // SAFETY: close_range takes integers; closing descriptors this process
+    // will not use again.
+    unsafe { libc::syscall(libc::SYS_close_range, fd as libc::c_uint, libc::c_uint::MAX, 0) };
+}
