@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::images::records::{FileId, Vma, VmaKind};
 use crate::types::{Pid, PAGE_SIZE};
@@ -135,6 +135,20 @@ fn classify(pid: Pid, l: &MapsLine) -> Result<VmaKind> {
     }
     if p.starts_with('[') && p.ends_with(']') {
         return Ok(VmaKind::Special { name: p.to_string() });
+    }
+    if l.shared && p.starts_with("/memfd:") {
+        // A memfd is shared memory with a name: saved and restored like
+        // shared anonymous memory (its name and seals are not kept).
+        let m = map_file_meta(pid, l)?;
+        return Ok(VmaKind::SharedAnon { shmem_id: m.ino(), size: m.size() });
+    }
+    if p.starts_with("/memfd:") || p.ends_with(" (deleted)") {
+        bail!(
+            "{pid}: mapping {:#x}-{:#x} of {p}: {} mappings of deleted files and memfds are not supported yet",
+            l.start,
+            l.end,
+            if l.shared { "shared" } else { "private" }
+        );
     }
     let m = map_file_meta(pid, l)?;
     Ok(VmaKind::File {
