@@ -378,7 +378,6 @@ fn eventfd_refused() {
 /// no i128, so such images serialize but do not load. Needs a shared-type fix
 /// (e.g. `mtime_ns: i64`) by the owner of records.rs.
 #[test]
-#[ignore = "records.rs: i128 mtime_ns inside a tagged enum does not deserialize"]
 fn files_image_json_roundtrip() {
     let st = nix::sys::stat::stat("/").unwrap();
     let image = snap::images::records::FilesImage {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[command(name = "snap", version, about = "Checkpoint and restore Linux process trees and application groups",
     long_about = "snap captures the complete state of a process tree (or several) at one consistent \
 instant into an image directory, and restores it later with the same PIDs, here or on another host.\n\n\
-Examples:\n  snap dump -t 1234 -D /tmp/img          checkpoint the tree under 1234, then stop it\n  \
+Examples:\n  snap dump -t 1234 -D /tmp/img          checkpoint the tree under 1234, then kill it (as CRIU does)\n  \
 snap restore -D /tmp/img               bring it back (snap waits for the root and exits with its status)\n  \
 snap image show /tmp/img               what an image holds\n  snap check                             what this kernel supports")]
 pub struct Cli {
@@ -65,7 +65,8 @@ pub struct RestoreArgs {
     /// Return once everything runs, instead of waiting for the root.
     #[arg(short = 'd', long = "restore-detached")]
     pub detached: bool,
-    /// Restore into a new pid namespace (PIDs inside are the saved ones).
+    /// Restore into a new pid namespace with its own /proc: inside, PIDs and
+    /// TIDs are the saved ones, so the saved PIDs need not be free here.
     #[arg(long)]
     pub pidns: bool,
     /// Give terminal descriptors snap's own terminal.
