@@ -122,11 +122,6 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
     }
     nix::unistd::chdir(p.cwd.as_str()).with_context(|| ctx(&format!("chdir {}", p.cwd)))?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(p.umask));
-    for r in &p.rlimits {
-        let lim = libc::rlimit64 { rlim_cur: r.soft, rlim_max: r.hard };
-        crate::sys::process::prlimit_self(r.resource, &lim)
-            .with_context(|| ctx(&format!("setrlimit {} to {}/{}", r.resource, r.soft, r.hard)))?;
-    }
     crate::sys::process::set_personality(p.personality).with_context(|| ctx("personality"))?;
     crate::sys::process::set_nice(p.nice).with_context(|| ctx("setpriority"))?;
     crate::sys::process::set_sched(p.sched.policy, p.sched.priority).with_context(|| ctx("sched_setscheduler"))?;
@@ -145,6 +140,13 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
         if !k {
             let _ = nix::unistd::close(fd as RawFd);
         }
+    }
+    // Limits after the fd table: a lowered RLIMIT_NOFILE below a
+    // descriptor the process holds would make dup2 onto it fail.
+    for r in &p.rlimits {
+        let lim = libc::rlimit64 { rlim_cur: r.soft, rlim_max: r.hard };
+        crate::sys::process::prlimit_self(r.resource, &lim)
+            .with_context(|| ctx(&format!("setrlimit {} to {}/{}", r.resource, r.soft, r.hard)))?;
     }
     Ok(())
 }
