@@ -1,5 +1,6 @@
 //! Files unlinked while open: their content is saved in a blob, and restore
-//! recreates an unlinked file with it next to where the original was.
+//! recreates an unlinked file with it next to where the original was (under
+//! the original name while the descriptions are opened, so they show it).
 
 use std::fs::{self, File};
 use std::io::ErrorKind;
@@ -53,22 +54,54 @@ fn dump_inner(p: &Probe, sh: &mut DumpShared) -> Result<FileKind> {
     })
 }
 
+/// A recreated deleted file, held while the descriptions of one image are
+/// opened. `link`: a temporary name at the original path, removed on drop.
+pub struct Held {
+    file: File,
+    link: Option<std::path::PathBuf>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(l) = self.link.take() {
+            let _ = fs::remove_file(l);
+        }
+    }
+}
+
 pub fn restore(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     let FileKind::Deleted { path, pos, mode, blob } = &of.kind else { bail!("not a deleted file") };
     let orig = path.strip_suffix(SUFFIX).unwrap_or(path);
     let dir = Path::new(orig).parent().ok_or_else(|| anyhow!("{path}: no parent directory"))?;
-    let data = (ctx.read_blob)(blob).with_context(|| format!("{path}: reading blob {blob}"))?;
-
-    let tmp = create_unlinked(dir, *mode)
-        .with_context(|| format!("{path}: creating an unlinked file in {}", dir.display()))?;
-    tmp.write_all_at(&data, 0).with_context(|| format!("{path}: writing {} bytes", data.len()))?;
-    // The umask may have narrowed the mode at creation.
-    tmp.set_permissions(fs::Permissions::from_mode(*mode))
-        .with_context(|| format!("{path}: chmod {mode:o}"))?;
+    // One inode per dumped inode: every description of it (opened twice
+    // before the unlink, or in several processes) sees the same content.
+    if !ctx.deleted.contains_key(blob) {
+        let data = (ctx.read_blob)(blob).with_context(|| format!("{path}: reading blob {blob}"))?;
+        let tmp = create_unlinked(dir, *mode)
+            .with_context(|| format!("{path}: creating an unlinked file in {}", dir.display()))?;
+        tmp.write_all_at(&data, 0).with_context(|| format!("{path}: writing {} bytes", data.len()))?;
+        // The umask may have narrowed the mode at creation.
+        tmp.set_permissions(fs::Permissions::from_mode(*mode))
+            .with_context(|| format!("{path}: chmod {mode:o}"))?;
+        // Where the original name is free, give the file that name until
+        // every description is open (the link is removed when the restore
+        // context is dropped), so /proc/PID/fd shows "ORIG (deleted)" as at
+        // dump time. Where it is taken, the descriptions are opened through
+        // the anonymous file and show its name instead.
+        let proc_path = format!("/proc/self/fd/{}", tmp.as_raw_fd());
+        let link = nix::unistd::linkat(None, proc_path.as_str(), None, orig, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW)
+            .ok()
+            .map(|_| std::path::PathBuf::from(orig));
+        ctx.deleted.insert(blob.clone(), Held { file: tmp, link });
+    }
+    let held = &ctx.deleted[blob];
+    let via = match &held.link {
+        Some(l) => l.display().to_string(),
+        None => format!("/proc/self/fd/{}", held.file.as_raw_fd()),
+    };
     // A new description with the saved flags (possibly read-only or append).
-    let proc_path = format!("/proc/self/fd/{}", tmp.as_raw_fd());
-    let fd = open_with_flags(&proc_path, of.flags)
-        .with_context(|| format!("{path}: reopening the recreated file with flags {:#o}", of.flags))?;
+    let fd = open_with_flags(&via, of.flags)
+        .with_context(|| format!("{path}: reopening the recreated file ({via}) with flags {:#o}", of.flags))?;
     restore_pos(fd.as_fd(), of.flags, *pos).with_context(|| format!("{path}: seeking to {pos}"))?;
     Ok(fd)
 }

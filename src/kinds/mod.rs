@@ -238,6 +238,9 @@ pub struct RestoreCtx<'a> {
     /// Pipes and FIFOs already created, by blob key: held until every
     /// description of them is open.
     pub pipes: HashMap<String, pipe::Held>,
+    /// Deleted files already recreated, by blob name (one inode per dumped
+    /// inode, however many descriptions it had).
+    pub deleted: HashMap<String, deleted::Held>,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -247,7 +250,7 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new() };
+    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new() };
     let mut out = HashMap::with_capacity(files.files.len());
     for of in &files.files {
         let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;

@@ -3,8 +3,9 @@
 //! Dump reads the buffered bytes without consuming them: `tee()` duplicates
 //! the pipe's buffers into a temporary pipe of our own of the same size, and
 //! we read that one. The data is stored once per pipe, whichever end is seen
-//! first. Restore creates one pipe per pipe id, fills it, and opens every
-//! description of it anew through /proc/self/fd so each has its own flags.
+//! first. Restore creates one pipe per pipe id, fills it, uses pipe2()'s
+//! description of each end for the first description of that end, and opens
+//! any further one anew through /proc/self/fd so each has its own flags.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -80,6 +81,9 @@ fn peek(fd: BorrowedFd<'_>, pipe_size: usize, buffered: usize) -> Result<Vec<u8>
 pub struct Held {
     read: OwnedFd,
     write: Option<OwnedFd>,
+    /// Which ends (read, write) of a pipe already handed out their pipe2()
+    /// description (see `restore`).
+    given: [bool; 2],
 }
 
 impl Held {
@@ -130,11 +134,11 @@ pub fn restore(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
                 .with_context(|| format!("{name}: opening"))?;
             let st = nix::sys::stat::fstat(fd.as_raw_fd()).with_context(|| format!("{name}: fstat"))?;
             ensure!(st.st_mode & libc::S_IFMT == libc::S_IFIFO, "{name}: is not a FIFO any more");
-            Held { read: fd, write: None }
+            Held { read: fd, write: None, given: [true, true] }
         } else {
             let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
                 .with_context(|| format!("{name}: pipe2"))?;
-            Held { read: r, write: Some(w) }
+            Held { read: r, write: Some(w), given: [false, false] }
         };
         let data = if buffered > 0 {
             (ctx.read_blob)(&key).with_context(|| format!("{name}: reading blob {key}"))?
@@ -149,7 +153,18 @@ pub fn restore(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         fill(held.end(true), pipe_size, &data).with_context(|| format!("{name}: filling"))?;
         ctx.pipes.insert(key.clone(), held);
     }
-    let held = ctx.pipes.get(&key).ok_or_else(|| anyhow!("{name}: lost"))?;
+    let held = ctx.pipes.get_mut(&key).ok_or_else(|| anyhow!("{name}: lost"))?;
+    // The first description of each end of an anonymous pipe is the one
+    // pipe2() made, with its status flags set: reopening through /proc
+    // would add O_LARGEFILE, which pipe() never sets (F_GETFL would differ).
+    if !fifo && of.flags & libc::O_LARGEFILE as u32 == 0 && !held.given[write_end as usize] {
+        held.given[write_end as usize] = true;
+        let fd = held.end(write_end).try_clone_to_owned().with_context(|| format!("{name}: dup"))?;
+        const SETTABLE: u32 = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME) as u32;
+        let fl = OFlag::from_bits_truncate((of.flags & SETTABLE) as i32);
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(fl)).with_context(|| format!("{name}: F_SETFL {:#o}", of.flags))?;
+        return Ok(fd);
+    }
     let ours = format!("/proc/self/fd/{}", held.end(write_end).as_raw_fd());
     let fd = open_with_flags(&ours, of.flags)
         .with_context(|| format!("{name}: opening the {} end with flags {:#o}", if write_end { "write" } else { "read" }, of.flags))?;
