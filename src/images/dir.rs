@@ -317,7 +317,7 @@ impl ImageReader {
         let ver = ver.as_u64().with_context(|| format!("inventory.json: format_version {ver} is not a number"))?;
         ensure!(
             ver == FORMAT_VERSION as u64,
-            "image format version {ver}, this snap reads version {FORMAT_VERSION}"
+            "{INVENTORY_NAME}: image format version {ver}, this snap reads version {FORMAT_VERSION}"
         );
         let invf: InventoryFile = serde_json::from_value(v).context("inventory.json")?;
         let inv = invf.inventory;
