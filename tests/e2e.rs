@@ -735,3 +735,25 @@ fn pidns_restore_beside_the_original() {
     let s = signal_and_result(&d, pid, libc::SIGUSR1, "state", secs(30));
     assert!(s.contains("\"ok\": true"), "original: {s}");
 }
+
+// ------------------------------------------------------------------ job control
+
+/// A process stopped by SIGSTOP is dumped as it is and comes back stopped;
+/// SIGCONT then lets it run (it is still sleeping, not exited).
+#[test]
+fn stopped_process_comes_back_stopped() {
+    let _l = lock();
+    let t = TempDir::new("stopped");
+    let r = Reaper::new();
+    let pid = spawn(&r, Command::new("sleep").arg("1000"), &t.join("log"));
+    wait_in_syscall(pid, pid, &[35, 230], secs(10));
+    assert!(kill(pid, libc::SIGSTOP));
+    wait_for("the process to stop", secs(10), || (proc_state(pid) == Some('T')).then_some(()));
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, &r, &[pid]);
+    wait_for("the restored process to be stopped", secs(10), || (proc_state(pid) == Some('T')).then_some(()));
+    assert!(kill(pid, libc::SIGCONT));
+    wait_in_syscall(pid, pid, &[35, 230], secs(10));
+    assert_eq!(proc_state(pid), Some('S'));
+}

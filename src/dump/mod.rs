@@ -72,6 +72,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
             w.write_json(&format!("proc-{}.json", pid.0), &p)?;
             continue;
         }
+        p.stopped = seized.stopped.contains(&pid);
         if p.seccomp != 0 {
             bail!("{pid} ({}): seccomp filters are not supported yet (Seccomp mode {})", p.comm, p.seccomp);
         }

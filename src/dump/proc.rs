@@ -277,6 +277,7 @@ fn read_process_inner(pid: Pid) -> Result<ProcessImage> {
         threads: Vec::new(),
         children: read_children(pid)?,
         posix_timers: Vec::new(),
+        stopped: false,
     })
 }
 

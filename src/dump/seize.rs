@@ -18,6 +18,8 @@ pub struct Seized {
     pub threads: BTreeMap<Pid, Vec<Tid>>,
     /// Processes that are zombies: not seized, dumped from /proc only.
     pub zombies: BTreeSet<Pid>,
+    /// Processes whose threads were in a job-control stop when seized.
+    pub stopped: BTreeSet<Pid>,
     attached: Vec<Tid>,
     /// Set once the processes were killed: nothing to detach.
     released: bool,
@@ -59,14 +61,18 @@ fn is_zombie(pid: Pid) -> bool {
 }
 
 /// Attach to one thread and bring it to a ptrace stop. A signal that was
-/// about to be delivered is delivered as it would have been.
-fn seize_one(tid: Tid) -> Result<()> {
+/// about to be delivered is delivered as it would have been. Returns true
+/// when the thread was in a job-control stop (SIGSTOP and the like).
+fn seize_one(tid: Tid) -> Result<bool> {
     ptrace::seize(tid.nix(), ptrace::Options::PTRACE_O_TRACESYSGOOD)
         .with_context(|| format!("{tid}: PTRACE_SEIZE"))?;
     ptrace::interrupt(tid.nix()).with_context(|| format!("{tid}: PTRACE_INTERRUPT"))?;
     loop {
         match waitpid(tid.nix(), Some(WaitPidFlag::__WALL)).with_context(|| format!("{tid}: waitpid"))? {
-            WaitStatus::PtraceEvent(_, _, _) => return Ok(()),
+            WaitStatus::PtraceEvent(_, sig, _) => {
+                use nix::sys::signal::Signal::*;
+                return Ok(matches!(sig, SIGSTOP | SIGTSTP | SIGTTIN | SIGTTOU));
+            }
             WaitStatus::Stopped(_, sig) => {
                 // Signal-delivery-stop: let the signal go on its way; the
                 // interrupt stays pending and traps right after.
@@ -84,6 +90,7 @@ impl Seized {
             pids: Vec::new(),
             threads: BTreeMap::new(),
             zombies: BTreeSet::new(),
+            stopped: BTreeSet::new(),
             attached: Vec::new(),
             released: false,
         };
@@ -123,7 +130,12 @@ impl Seized {
                     if seen.insert(t) {
                         new = true;
                         match seize_one(t) {
-                            Ok(()) => s.attached.push(t),
+                            Ok(stopped) => {
+                                s.attached.push(t);
+                                if stopped {
+                                    s.stopped.insert(p);
+                                }
+                            }
                             // A thread may exit between listing and seizing.
                             Err(_) if !std::path::Path::new(&format!("/proc/{}/task/{}", p.0, t.0)).exists() => {}
                             Err(e) => return Err(e.context(format!("seizing {p}"))),

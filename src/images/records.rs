@@ -79,6 +79,9 @@ pub struct ProcessImage {
     /// POSIX timers (timer_create), with their ids.
     #[serde(default)]
     pub posix_timers: Vec<PosixTimer>,
+    /// Stopped by a job-control signal (SIGSTOP, SIGTSTP, …) at dump time.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// One POSIX timer, armed or not.

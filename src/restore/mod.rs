@@ -333,6 +333,11 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
     }
     // 7. Release everything together.
     created.armed = false;
+    // Processes that were stopped by job control stop again: a SIGSTOP
+    // queued now is taken before they run any of their own code.
+    for p in live.iter().map(|p| &plan.procs[p]).filter(|p| p.stopped) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(host[&p.pid]), nix::sys::signal::Signal::SIGSTOP);
+    }
     detach_all(&attached);
     drop(pool);
     let init = ns_init.0.take();
