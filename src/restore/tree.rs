@@ -141,6 +141,7 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
             let _ = nix::unistd::close(fd as RawFd);
         }
     }
+    crate::kinds::after_fd_table(&p.fds, &plan.files).with_context(|| ctx("descriptor state"))?;
     // Limits after the fd table: a lowered RLIMIT_NOFILE below a
     // descriptor the process holds would make dup2 onto it fail.
     for r in &p.rlimits {
