@@ -4,6 +4,7 @@
 //!
 //! Run the whole suite with `./test.sh` (= `cargo test --release -- --test-threads=1`).
 
+#[macro_use]
 mod common;
 use common::*;
 use std::collections::BTreeSet;
@@ -12,17 +13,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-macro_rules! need {
-    ($e:expr, $test:expr, $why:expr) => {
-        match $e {
-            Some(v) => v,
-            None => {
-                skip($test, $why);
-                return;
-            }
-        }
-    };
-}
 
 fn fx(name: &str) -> Option<std::path::PathBuf> {
     fixture(name)

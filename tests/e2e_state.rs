@@ -7,6 +7,7 @@
 //!
 //! Run: `cargo test --release --test e2e_state -- --test-threads=1`.
 
+#[macro_use]
 mod common;
 use common::*;
 use std::collections::BTreeMap;
@@ -14,17 +15,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-macro_rules! need {
-    ($e:expr, $test:expr, $why:expr) => {
-        match $e {
-            Some(v) => v,
-            None => {
-                skip($test, $why);
-                return;
-            }
-        }
-    };
-}
 
 fn assert_ok(res: &str, what: &str) {
     assert!(res.starts_with("ok"), "{what}: {}", res.trim());

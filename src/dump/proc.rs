@@ -281,16 +281,22 @@ fn read_process_inner(pid: Pid) -> Result<ProcessImage> {
     })
 }
 
-/// Thread ids of `pid`, the leader first, then ascending.
-pub fn thread_ids(pid: Pid) -> Result<Vec<Tid>> {
-    let dir = format!("/proc/{}/task", pid.0);
-    let mut tids = Vec::new();
-    for ent in fs::read_dir(&dir).with_context(|| format!("{pid}: listing {dir}"))? {
-        let ent = ent.with_context(|| format!("{pid}: listing {dir}"))?;
-        if let Some(t) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            tids.push(t);
+/// The numeric entries of a /proc directory (pids, tids or fds), ascending.
+pub fn numeric_entries(dir: &str) -> Result<Vec<i32>> {
+    let mut v = Vec::new();
+    for ent in fs::read_dir(dir).with_context(|| format!("listing {dir}"))? {
+        let ent = ent.with_context(|| format!("listing {dir}"))?;
+        if let Some(n) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            v.push(n);
         }
     }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Thread ids of `pid`, the leader first, then ascending.
+pub fn thread_ids(pid: Pid) -> Result<Vec<Tid>> {
+    let mut tids = numeric_entries(&format!("/proc/{}/task", pid.0)).with_context(|| format!("{pid}"))?;
     tids.sort_unstable_by_key(|&t| (t != pid.0, t));
     Ok(tids.into_iter().map(Tid).collect())
 }

@@ -40,21 +40,6 @@ fn children_of(pid: Pid) -> Result<Vec<Pid>> {
     Ok(out)
 }
 
-fn threads_of(pid: Pid) -> Result<Vec<Tid>> {
-    let dir = format!("/proc/{}/task", pid.0);
-    let mut v: Vec<Tid> = std::fs::read_dir(&dir)
-        .with_context(|| format!("{pid}: reading {dir}"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .map(Tid)
-        .collect();
-    v.sort();
-    if let Some(i) = v.iter().position(|t| t.0 == pid.0) {
-        v.swap(0, i);
-        v[1..].sort();
-    }
-    Ok(v)
-}
-
 fn is_zombie(pid: Pid) -> bool {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{}/stat", pid.0)) else { return false };
     s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()) == Some("Z")
@@ -125,7 +110,7 @@ impl Seized {
                 if s.zombies.contains(&p) {
                     continue;
                 }
-                let ts = threads_of(p)?;
+                let ts = super::proc::thread_ids(p)?;
                 for &t in &ts {
                     if seen.insert(t) {
                         new = true;

@@ -106,16 +106,8 @@ pub fn read_fdinfo(pid: Pid, fd: RemoteFd) -> Result<FdInfo> {
 
 /// The descriptors of `pid`, ascending.
 pub fn list_fds(pid: Pid) -> Result<Vec<RemoteFd>> {
-    let dir = format!("/proc/{}/fd", pid.0);
-    let mut fds = Vec::new();
-    for ent in fs::read_dir(&dir).with_context(|| format!("{pid}: listing {dir}"))? {
-        let ent = ent.with_context(|| format!("{pid}: listing {dir}"))?;
-        if let Some(n) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            fds.push(RemoteFd(n));
-        }
-    }
-    fds.sort_unstable();
-    Ok(fds)
+    let fds = crate::dump::proc::numeric_entries(&format!("/proc/{}/fd", pid.0)).with_context(|| format!("{pid}"))?;
+    Ok(fds.into_iter().map(RemoteFd).collect())
 }
 
 /// Collects the open file descriptions of every process of a dump.

@@ -173,8 +173,7 @@ fn unsafe_fd(fd: i32) -> std::os::fd::BorrowedFd<'static> {
 fn host_pids(init: i32, saved: &[i32]) -> Result<BTreeMap<i32, i32>> {
     let ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).context("reading the new pid namespace")?;
     let mut map = BTreeMap::new();
-    for e in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
-        let Some(h) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+    for h in crate::dump::proc::numeric_entries("/proc")? {
         if std::fs::read_link(format!("/proc/{h}/ns/pid")).ok().as_ref() != Some(&ns) {
             continue;
         }

@@ -35,11 +35,7 @@ pub fn seize(tid: Tid) -> Result<()> {
 }
 
 fn host_tids(host: i32) -> Result<Vec<i32>> {
-    let dir = format!("/proc/{host}/task");
-    Ok(std::fs::read_dir(&dir)
-        .with_context(|| format!("listing {dir}"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect())
+    crate::dump::proc::numeric_entries(&format!("/proc/{host}/task"))
 }
 
 /// Create the other threads with their exact TIDs (remote clone3 with

@@ -38,8 +38,30 @@ pub fn tmp_root() -> PathBuf {
 
 /// Print a skip line that the summary (and a human) can find. A skipped test
 /// returns early; its name is printed so it is never mistaken for a pass.
+/// It is also appended to target/tmp/skipped.txt, which ./test.sh prints in
+/// its summary, so a skip is reported as such and never hides among passes.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED: {test}: {reason}");
+    let list = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped.txt");
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(list) {
+        use std::io::Write;
+        let _ = writeln!(f, "{test}: {reason}");
+    }
+}
+
+/// `need!(option, "test name", "why")`: the value, or report the test as
+/// skipped with the reason and return.
+#[macro_export]
+macro_rules! need {
+    ($e:expr, $test:expr, $why:expr) => {
+        match $e {
+            Some(v) => v,
+            None => {
+                skip($test, $why);
+                return;
+            }
+        }
+    };
 }
 
 // ---------------------------------------------------------------- locking
