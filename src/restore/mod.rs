@@ -136,7 +136,7 @@ fn wait_ready(pool: &pool::Pool, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while got < n {
         let mut fds = [nix::poll::PollFd::new(
-            unsafe_fd(pool.ready_r),
+            crate::sys::borrow_fd(pool.ready_r),
             nix::poll::PollFlags::POLLIN,
         )];
         let left = deadline.saturating_duration_since(Instant::now());
@@ -161,10 +161,6 @@ fn wait_ready(pool: &pool::Pool, n: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn unsafe_fd(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    crate::sys::borrow_fd(fd)
 }
 
 /// Host PIDs of the restored processes in a new pid namespace: the

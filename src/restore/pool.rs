@@ -10,7 +10,7 @@ use crate::images::records::{FileId, VmaKind};
 use crate::images::{ImageReader, PageStoreReader};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 /// Size of the control area reserved in every restored process.
@@ -54,10 +54,8 @@ impl Pool {
 
     /// Move `fd` into the pool range and keep it open for the forks.
     fn adopt(&mut self, fd: OwnedFd) -> Result<RawFd> {
-        let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD(self.base))
-            .with_context(|| format!("moving a descriptor above {}", self.base))?;
-        // SAFETY: F_DUPFD returned a new descriptor that nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(n) };
+        let owned = crate::sys::dup_at_least(fd.as_fd(), self.base)?;
+        let n = owned.as_raw_fd();
         self.owned.push(owned);
         Ok(n)
     }

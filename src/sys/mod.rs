@@ -95,3 +95,11 @@ pub fn borrow_fd(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'static> {
     // borrow lives (the restore pool keeps them open until the end).
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
+
+/// A duplicate of `fd` at the lowest free number >= `min` (F_DUPFD).
+pub fn dup_at_least(fd: std::os::fd::BorrowedFd<'_>, min: std::os::fd::RawFd) -> Result<OwnedFd> {
+    let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD(min))
+        .with_context(|| format!("moving a descriptor to {min} or above"))?;
+    // SAFETY: F_DUPFD returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
