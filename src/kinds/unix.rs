@@ -172,12 +172,16 @@ fn dump_listen(p: &Probe, d: &UnixDiag) -> Result<FileKind> {
     })
 }
 
-/// Processes holding `socket:[ino]`.
+/// Processes holding `socket:[ino]`, snap itself left out.
 fn holders(ino: u64) -> Vec<i32> {
     let want = format!("socket:[{ino}]");
+    let me = std::process::id() as i32;
     let mut out = Vec::new();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue; // our own copies of the dumped descriptors
+        }
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         if fds.flatten().any(|f| fs::read_link(f.path()).map(|l| l.as_os_str().as_bytes() == want.as_bytes()).unwrap_or(false)) {
             out.push(pid);
