@@ -163,3 +163,28 @@ fn refuses_pending_backlog() {
     assert!(run.stderr.contains("backlog") && run.stderr.contains(&format!("pid {pid}")), "{}", run.stderr);
     assert!(alive(pid));
 }
+
+/// A descriptor in flight (SCM_RIGHTS) in a socketpair's queue: refused,
+/// the workload keeps its queue (it reads the descriptor afterwards).
+#[test]
+fn refuses_queued_scm_rights() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_queued_scm_rights", "no python3");
+    let t = TempDir::new("unixscm");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let code = format!(
+        "import socket,os,time,array\na,b=socket.socketpair()\nf=os.open('/dev/null',os.O_RDONLY)\na.sendmsg([b'x'],[(socket.SOL_SOCKET,socket.SCM_RIGHTS,array.array('i',[f]))])\nopen({:?},'w').write('%d' % os.getpid())\nos.rename({:?},{:?})\ntime.sleep(1)\nm,anc,fl,ad=b.recvmsg(10,socket.CMSG_SPACE(4))\nopen({:?},'w').write('ok' if m==b'x' and anc and anc[0][2] else 'FAIL')\ntime.sleep(1000)\n",
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("ready").to_str().unwrap(),
+        d.join("result").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    assert!(run.stderr.contains("SCM_RIGHTS") && run.stderr.contains(&format!("pid {pid}")), "{}", run.stderr);
+    let res = wait_file(&d, "result", secs(30));
+    assert_eq!(res, "ok");
+}
