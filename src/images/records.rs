@@ -238,6 +238,39 @@ pub enum FileKind {
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).
     Tty { path: String },
+    /// A connected Unix-domain socket whose peer is in the dump too
+    /// (socketpair, or an accepted socket and its client). Restored as a
+    /// socketpair() with its peer. `ino`/`peer`: socket inodes at dump.
+    /// `name`: local address at dump (informational: an accepted socket's
+    /// name, the listener's, is not given back). Its receive queue is in
+    /// blob `unix-<ino>.rcvq`; `msgs` are the message lengths for
+    /// SOCK_DGRAM/SOCK_SEQPACKET (one entry per message, in order).
+    UnixPeer {
+        ino: u64,
+        peer: u64,
+        sock_type: u32,
+        name: String,
+        rcvq: u64,
+        msgs: Vec<u64>,
+        /// sk_shutdown bits (1 = receive, 2 = send).
+        shutdown: u32,
+        opts: UnixOpts,
+    },
+    /// A listening Unix-domain socket bound to a path (`/…`) or an abstract
+    /// name (`@…`), with no connection waiting in its backlog. `mode`,
+    /// `uid`, `gid`: of the socket file (path names only).
+    UnixListen { ino: u64, sock_type: u32, name: String, backlog: u64, mode: u32, uid: u32, gid: u32, opts: UnixOpts },
+}
+
+/// Socket options of a Unix-domain socket that restore sets again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UnixOpts {
+    pub passcred: bool,
+    /// As getsockopt returns them (the kernel's doubled value).
+    pub sndbuf: u64,
+    pub rcvbuf: u64,
+    /// SO_PEEK_OFF (-1: off).
+    pub peek_off: i64,
 }
 
 /// Disposition of one signal.

@@ -30,6 +30,8 @@ pub mod deleted;
 pub mod pipe;
 pub mod regular;
 pub mod sys;
+pub mod unix;
+pub mod unix_diag;
 
 /// Everything known about one descriptor before a kind looks at it.
 pub struct Probe<'a> {
@@ -72,7 +74,7 @@ pub struct Kind {
 }
 
 /// Kinds in the order they are tried (deleted before regular).
-pub const REGISTRY: &[Kind] = &[deleted::KIND, regular::KIND, chardev::KIND, pipe::KIND];
+pub const REGISTRY: &[Kind] = &[deleted::KIND, regular::KIND, chardev::KIND, pipe::KIND, unix::KIND];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -233,6 +235,8 @@ pub struct RestoreCtx<'a> {
     /// Deleted files already recreated, by blob name (one inode per dumped
     /// inode, however many descriptions it had).
     pub deleted: HashMap<String, deleted::Held>,
+    /// Unix socketpair ends waiting for their description, by socket inode.
+    pub unix: unix::HeldMap,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -242,11 +246,14 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new() };
+    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new() };
     let mut out = HashMap::with_capacity(files.files.len());
     for of in &files.files {
         let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
         anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
+    }
+    if let Some(ino) = ctx.unix.keys().next() {
+        anyhow::bail!("files image has no description for Unix socket inode {ino}, the peer of a restored socket");
     }
     // Dropping ctx closes the pipe ends no description of the image uses.
     Ok(out)
@@ -258,6 +265,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Deleted { .. } => deleted::restore(of, ctx),
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
+        FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
     }
 }
 

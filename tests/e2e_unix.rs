@@ -1,0 +1,190 @@
+//! End-to-end tests for Unix-domain sockets: socketpairs between a parent
+//! and its child (stream, datagram, seqpacket) with data queued both ways,
+//! a listener on a path with an accepted connection to a client in the
+//! tree, and the refusals (peer outside the dump, pending backlog).
+//!
+//! Run: `cargo test --release --test e2e_unix -- --test-threads=1`.
+
+mod common;
+use common::*;
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Command;
+
+macro_rules! need {
+    ($e:expr, $test:expr, $why:expr) => {
+        match $e {
+            Some(v) => v,
+            None => {
+                skip($test, $why);
+                return;
+            }
+        }
+    };
+}
+
+fn pids_of(ready: &str) -> Vec<i32> {
+    ready.split_whitespace().map(|s| s.parse().unwrap()).collect()
+}
+
+fn start(r: &Reaper, t: &TempDir, script: &str) -> (std::path::PathBuf, Vec<i32>) {
+    let py = python3().unwrap();
+    let d = t.sub("st");
+    let pid = spawn(r, Command::new(&py).arg(fixtures_src().join(script)).arg(&d), &t.join("log"));
+    let ready = wait_ready(&d, pid, secs(30));
+    (d, pids_of(&ready))
+}
+
+fn result(d: &Path, pid: i32) -> String {
+    signal_and_result(d, pid, libc::SIGUSR1, "result", secs(30))
+}
+
+/// Stream, datagram and seqpacket socketpairs between parent and child,
+/// data queued both ways, a pair inside one process with one end shut for
+/// writing, O_NONBLOCK, SO_PASSCRED, SO_SNDBUF: all the same after restore,
+/// and the pair still carries new data.
+#[test]
+fn socketpairs_with_queued_data() {
+    let _l = lock();
+    need!(python3(), "socketpairs_with_queued_data", "no python3");
+    let t = TempDir::new("unixpair");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_pair.py");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let img = t.sub("img");
+    let (_, all) = dump_kill(&[pids[0]], &img, &[]);
+    assert!(all.contains(&pids[1]));
+    let files = std::fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("unix_peer"), "{files}");
+    restore_ok(&img, &r, &pids);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// The dump leaves the queues in place (--leave-running): the workload
+/// still reads everything afterwards.
+#[test]
+fn socketpair_dump_leaves_queues() {
+    let _l = lock();
+    need!(python3(), "socketpair_dump_leaves_queues", "no python3");
+    let t = TempDir::new("unixleave");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_pair.py");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    dump_ok(&[pids[0]], &t.sub("img"), &["--leave-running"]);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// A server listening on a path, with an idle client in the tree whose
+/// connection has data queued both ways: after restore the socket file has
+/// its mode, a new client connects and gets an answer, and the old
+/// connection still works.
+#[test]
+fn listener_and_client_in_tree() {
+    let _l = lock();
+    need!(python3(), "listener_and_client_in_tree", "no python3");
+    let t = TempDir::new("unixsrv");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_server.py");
+    let path = d.join("srv.sock");
+    let ask = || {
+        let mut s = UnixStream::connect(&path).expect("connect");
+        s.set_read_timeout(Some(secs(10))).unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        b
+    };
+    assert!(ask().starts_with("pong 1"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let img = t.sub("img");
+    dump_kill(&[pids[0]], &img, &[]);
+    let files = std::fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("unix_listen") && files.contains("\"backlog\": 7"), "{files}");
+    restore_ok(&img, &r, &pids[..2]);
+    assert!(ask().starts_with("pong 2"), "no answer after restore");
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// A client connected to a listener of the test (outside the dump): the
+/// dump is refused naming the pid, the fd, the peer's inode and path, and
+/// the workload keeps running untraced.
+#[test]
+fn refuses_peer_outside() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_peer_outside", "no python3");
+    let t = TempDir::new("unixout");
+    let r = Reaper::new();
+    let path = t.join("outside.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let d = t.sub("st");
+    let code = format!(
+        "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\nopen({:?},'w').write('%d %d' % (os.getpid(), s.fileno()))\nos.rename({:?},{:?})\ntime.sleep(1000)\n",
+        path.to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("ready").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    let v = pids_of(&wait_ready(&d, pid, secs(30)));
+    let (_acc, _) = l.accept().unwrap();
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    let e = &run.stderr;
+    assert!(e.contains(&format!("pid {pid} fd {}", v[1])), "{e}");
+    assert!(e.contains("outside the dump") && e.contains(path.to_str().unwrap()) && e.contains("inode"), "{e}");
+    assert_eq!(status_field(pid, "TracerPid").as_deref(), Some("0"));
+    assert!(alive(pid));
+}
+
+/// A listener with a connection in its backlog not accepted yet: refused.
+#[test]
+fn refuses_pending_backlog() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_pending_backlog", "no python3");
+    let t = TempDir::new("unixbl");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let path = d.join("l.sock");
+    let code = format!(
+        "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(3)\nopen({:?},'w').write('%d' % os.getpid())\nos.rename({:?},{:?})\ntime.sleep(1000)\n",
+        path.to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("ready").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let _c = UnixStream::connect(&path).unwrap();
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    assert!(run.stderr.contains("backlog") && run.stderr.contains(&format!("pid {pid}")), "{}", run.stderr);
+    assert!(alive(pid));
+}
+
+/// A descriptor in flight (SCM_RIGHTS) in a socketpair's queue: refused,
+/// the workload keeps its queue (it reads the descriptor afterwards).
+#[test]
+fn refuses_queued_scm_rights() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_queued_scm_rights", "no python3");
+    let t = TempDir::new("unixscm");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let code = format!(
+        "import socket,os,time,array\na,b=socket.socketpair()\nf=os.open('/dev/null',os.O_RDONLY)\na.sendmsg([b'x'],[(socket.SOL_SOCKET,socket.SCM_RIGHTS,array.array('i',[f]))])\nopen({:?},'w').write('%d' % os.getpid())\nos.rename({:?},{:?})\ntime.sleep(1)\nm,anc,fl,ad=b.recvmsg(10,socket.CMSG_SPACE(4))\nopen({:?},'w').write('ok' if m==b'x' and anc and anc[0][2] else 'FAIL')\ntime.sleep(1000)\n",
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("ready").to_str().unwrap(),
+        d.join("result").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    assert!(run.stderr.contains("SCM_RIGHTS") && run.stderr.contains(&format!("pid {pid}")), "{}", run.stderr);
+    let res = wait_file(&d, "result", secs(30));
+    assert_eq!(res, "ok");
+}
