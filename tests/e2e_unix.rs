@@ -5,6 +5,7 @@
 //!
 //! Run: `cargo test --release --test e2e_unix -- --test-threads=1`.
 
+#[macro_use]
 mod common;
 use common::*;
 use std::io::Read;
@@ -12,17 +13,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 
-macro_rules! need {
-    ($e:expr, $test:expr, $why:expr) => {
-        match $e {
-            Some(v) => v,
-            None => {
-                skip($test, $why);
-                return;
-            }
-        }
-    };
-}
 
 fn pids_of(ready: &str) -> Vec<i32> {
     ready.split_whitespace().map(|s| s.parse().unwrap()).collect()
