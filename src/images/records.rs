@@ -234,6 +234,9 @@ pub enum FileKind {
     /// One end of a pipe. Both ends of a pipe share `pipe_id`; the bytes
     /// buffered in it are stored once, in `pipe-<pipe_id>.data`.
     Pipe { pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
+    /// An eventfd: its counter and whether it is in semaphore mode
+    /// (`O_NONBLOCK` is in `OpenFile::flags`).
+    Eventfd { count: u64, semaphore: bool },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

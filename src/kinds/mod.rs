@@ -27,6 +27,7 @@ use crate::types::{Pid, RemoteFd};
 
 pub mod chardev;
 pub mod deleted;
+pub mod eventfd;
 pub mod pipe;
 pub mod regular;
 pub mod sys;
@@ -72,7 +73,13 @@ pub struct Kind {
 }
 
 /// Kinds in the order they are tried (deleted before regular).
-pub const REGISTRY: &[Kind] = &[deleted::KIND, regular::KIND, chardev::KIND, pipe::KIND];
+pub const REGISTRY: &[Kind] = &[
+    deleted::KIND,
+    regular::KIND,
+    chardev::KIND,
+    pipe::KIND,
+    eventfd::KIND,
+];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -266,6 +273,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Deleted { .. } => deleted::restore(of, ctx),
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
+        FileKind::Eventfd { .. } => eventfd::restore(of, ctx),
     }
 }
 
