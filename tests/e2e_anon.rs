@@ -77,3 +77,37 @@ fn eventfd_counter_and_semaphore() {
     assert_eq!(link(pid, 12), "anon_inode:[eventfd]");
     check(&d, pid, "after restore");
 }
+
+// ------------------------------------------------------------------ timerfd
+
+/// A periodic timer keeps firing at its interval, an absolute realtime
+/// deadline stays where it was, a relative boottime timer keeps its time
+/// left and interval, and an expired unread one-shot reads 1.
+#[test]
+fn timerfd_rearmed() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_timerfd", "timerfd"), "timerfd_rearmed", "gcc not found");
+    let keys = ["clockid", "settime flags", "flags", "it_interval"];
+    let before: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert!(fdinfo_lines(pid, 12, &["ticks"]) == ["ticks: 1"], "fixture fd 12: {:?}", fdinfo_lines(pid, 12, &["ticks"]));
+    dump_restore(&t, &r, pid);
+    let after: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert_eq!(before, after, "timerfd fdinfo differs after restore");
+    check(&d, pid, "after restore");
+}
+
+// ------------------------------------------------------------------ signalfd
+
+/// The masks and O_NONBLOCK survive; a signal queued before the dump and
+/// one sent after the restore are read from the signalfd.
+#[test]
+fn signalfd_mask() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_signalfd", "signalfd"), "signalfd_mask", "gcc not found");
+    let keys = ["sigmask", "flags"];
+    let before: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    dump_restore(&t, &r, pid);
+    let after: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert_eq!(before, after, "signalfd fdinfo differs after restore");
+    check(&d, pid, "after restore");
+}

@@ -237,6 +237,13 @@ pub enum FileKind {
     /// An eventfd: its counter and whether it is in semaphore mode
     /// (`O_NONBLOCK` is in `OpenFile::flags`).
     Eventfd { count: u64, semaphore: bool },
+    /// A timerfd: its clock, unread expirations, `timerfd_settime` flags
+    /// (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`), time left until the
+    /// next expiration and the interval (ns; 0/0 = disarmed), and for an
+    /// absolute timer the expiration time on its clock (ns).
+    Timerfd { clockid: i32, ticks: u64, settime_flags: u32, value_ns: u64, interval_ns: u64, abs_ns: u64 },
+    /// A signalfd: the set of signals it accepts (bit N-1 = signal N).
+    Signalfd { sigmask: u64 },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

@@ -30,7 +30,9 @@ pub mod deleted;
 pub mod eventfd;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod sys;
+pub mod timerfd;
 
 /// Everything known about one descriptor before a kind looks at it.
 pub struct Probe<'a> {
@@ -79,6 +81,8 @@ pub const REGISTRY: &[Kind] = &[
     chardev::KIND,
     pipe::KIND,
     eventfd::KIND,
+    timerfd::KIND,
+    signalfd::KIND,
 ];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
@@ -274,6 +278,8 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
         FileKind::Eventfd { .. } => eventfd::restore(of, ctx),
+        FileKind::Timerfd { .. } => timerfd::restore(of, ctx),
+        FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
     }
 }
 
