@@ -111,3 +111,54 @@ fn signalfd_mask() {
     assert_eq!(before, after, "signalfd fdinfo differs after restore");
     check(&d, pid, "after restore");
 }
+
+// ------------------------------------------------------------------ epoll
+
+/// Watches (events, data) come back, added by the process at its own fd
+/// numbers; an epoll watching an epoll works; the event pending at the
+/// dump (a pipe with unread bytes) is reported after restore with its data.
+#[test]
+fn epoll_watches_and_pending_event() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_epoll", "epoll"), "epoll_watches_and_pending_event", "gcc not found");
+    let watches = |pid| -> Vec<Vec<String>> {
+        [13, 14]
+            .iter()
+            .map(|&fd| {
+                let mut v: Vec<String> = fdinfo_lines(pid, fd, &["tfd:", "flags"])
+                    .iter()
+                    .map(|l| l.split(" pos:").next().unwrap().to_string())
+                    .collect();
+                v.sort();
+                v
+            })
+            .collect()
+    };
+    let before = watches(pid);
+    assert_eq!(before[0].len(), 3, "fixture: {before:?}");
+    dump_restore(&t, &r, pid);
+    assert_eq!(before, watches(pid), "epoll watches differ after restore");
+    check(&d, pid, "after restore");
+}
+
+/// A watch whose descriptor was closed after it was added (the file lives
+/// on at another number) cannot be re-added: the dump is refused naming
+/// pid, the epoll fd and the watched fd, and the process keeps running.
+#[test]
+fn epoll_watch_of_closed_fd_refused() {
+    let _l = lock();
+    let bin = need!(fixture("anon_epoll"), "epoll_watch_of_closed_fd_refused", "gcc not found");
+    let t = TempDir::new("epoll_closed");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d).arg("closed"), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should have been refused: {}", run.describe());
+    for w in [format!("pid {pid} fd 15"), "fd 16".into(), "closed".into()] {
+        assert!(run.stderr.contains(&w), "error does not contain {w:?}: {}", run.stderr);
+    }
+    assert!(!run.stderr.contains("panicked"));
+    assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");
+    check(&d, pid, "after the refused dump");
+}

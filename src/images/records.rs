@@ -244,6 +244,11 @@ pub enum FileKind {
     Timerfd { clockid: i32, ticks: u64, settime_flags: u32, value_ns: u64, interval_ns: u64, abs_ns: u64 },
     /// A signalfd: the set of signals it accepts (bit N-1 = signal N).
     Signalfd { sigmask: u64 },
+    /// An epoll instance and its watches. A watch names the target by its
+    /// descriptor number in process `owner` (the one that was checked to hold
+    /// that very file at that number); restore adds the watches inside that
+    /// process once its fd table is in place.
+    Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

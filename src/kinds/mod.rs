@@ -27,6 +27,7 @@ use crate::types::{Pid, RemoteFd};
 
 pub mod chardev;
 pub mod deleted;
+pub mod epoll;
 pub mod eventfd;
 pub mod pipe;
 pub mod regular;
@@ -83,6 +84,7 @@ pub const REGISTRY: &[Kind] = &[
     eventfd::KIND,
     timerfd::KIND,
     signalfd::KIND,
+    epoll::KIND,
 ];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
@@ -280,6 +282,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Eventfd { .. } => eventfd::restore(of, ctx),
         FileKind::Timerfd { .. } => timerfd::restore(of, ctx),
         FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
+        FileKind::Epoll { .. } => epoll::restore(of, ctx),
     }
 }
 
@@ -311,6 +314,5 @@ mod tests {
 /// whose state names the process's own descriptor numbers (an epoll set
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
-    let _ = (fds, files);
-    Ok(())
+    epoll::add_watches(fds, files)
 }
