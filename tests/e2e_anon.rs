@@ -162,3 +162,25 @@ fn epoll_watch_of_closed_fd_refused() {
     assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");
     check(&d, pid, "after the refused dump");
 }
+
+// ------------------------------------------------------------------ inotify
+
+/// Watches come back on the same paths with the same masks and the same
+/// watch descriptors (wd 1 and 3, with the gap of a removed wd 2), and
+/// report new events; unread events are not restored (none are queued).
+#[test]
+fn inotify_watches_same_wds() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_inotify", "inotify"), "inotify_watches_same_wds", "gcc not found");
+    let watches = |pid| -> Vec<String> {
+        fdinfo_lines(pid, 10, &["inotify", "flags"])
+            .iter()
+            .map(|l| l.split(" ignored_mask").next().unwrap().to_string())
+            .collect()
+    };
+    let before = watches(pid);
+    assert_eq!(before.len(), 3, "fixture: {before:?}");
+    dump_restore(&t, &r, pid);
+    assert_eq!(before, watches(pid), "inotify watches differ after restore");
+    check(&d, pid, "after restore");
+}

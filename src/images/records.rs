@@ -249,6 +249,9 @@ pub enum FileKind {
     /// that very file at that number); restore adds the watches inside that
     /// process once its fd table is in place.
     Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
+    /// An inotify instance: its watches (path resolved at dump, mask, wd).
+    /// Unread events are not saved.
+    Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

@@ -29,6 +29,7 @@ pub mod chardev;
 pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
+pub mod inotify;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -85,6 +86,7 @@ pub const REGISTRY: &[Kind] = &[
     timerfd::KIND,
     signalfd::KIND,
     epoll::KIND,
+    inotify::KIND,
 ];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
@@ -283,6 +285,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Timerfd { .. } => timerfd::restore(of, ctx),
         FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
         FileKind::Epoll { .. } => epoll::restore(of, ctx),
+        FileKind::Inotify { .. } => inotify::restore(of, ctx),
     }
 }
 
