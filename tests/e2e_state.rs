@@ -380,8 +380,8 @@ fn refuses_seccomp_and_leaves_it_running() {
 }
 
 #[test]
-fn refuses_eventfd_and_leaves_it_running() {
-    refused("refuse_eventfd", "eventfd", &|_, fd| vec![format!("fd {fd}"), "eventfd".into()]);
+fn refuses_pidfd_and_leaves_it_running() {
+    refused("refuse_pidfd", "pidfd", &|_, fd| vec![format!("fd {fd}"), "pidfd".into()]);
 }
 
 // ------------------------------------------------------------------ 7 --shell-job

@@ -363,14 +363,15 @@ fn socket_refused_naming_pid_and_fd() {
     assert!(msg.contains("sockets are not supported yet"), "{msg}");
 }
 
+/// An anonymous inode no kind handles (a pidfd) is refused, naming it.
 #[test]
-fn eventfd_refused() {
-    let (g, v) = python("fd = os.eventfd(0)\nprint(json.dumps(fd))");
+fn pidfd_refused() {
+    let (g, v) = python("fd = os.pidfd_open(os.getpid())\nprint(json.dumps(fd))");
     let pid = g.pid();
     let fd = v.as_i64().unwrap() as i32;
     let err = DumpCtx::new(false).dump_fds(pid, &take_fds(pid, &[fd])).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("anon_inode:[eventfd]") && msg.contains("not supported yet"), "{msg}");
+    assert!(msg.contains("anon_inode:[pidfd]") && msg.contains("not supported yet"), "{msg}");
 }
 
 /// records.rs has `FileId.mtime_ns: i128` inside internally tagged enums

@@ -234,6 +234,24 @@ pub enum FileKind {
     /// One end of a pipe. Both ends of a pipe share `pipe_id`; the bytes
     /// buffered in it are stored once, in `pipe-<pipe_id>.data`.
     Pipe { pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
+    /// An eventfd: its counter and whether it is in semaphore mode
+    /// (`O_NONBLOCK` is in `OpenFile::flags`).
+    Eventfd { count: u64, semaphore: bool },
+    /// A timerfd: its clock, unread expirations, `timerfd_settime` flags
+    /// (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`), time left until the
+    /// next expiration and the interval (ns; 0/0 = disarmed), and for an
+    /// absolute timer the expiration time on its clock (ns).
+    Timerfd { clockid: i32, ticks: u64, settime_flags: u32, value_ns: u64, interval_ns: u64, abs_ns: u64 },
+    /// A signalfd: the set of signals it accepts (bit N-1 = signal N).
+    Signalfd { sigmask: u64 },
+    /// An epoll instance and its watches. A watch names the target by its
+    /// descriptor number in process `owner` (the one that was checked to hold
+    /// that very file at that number); restore adds the watches inside that
+    /// process once its fd table is in place.
+    Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
+    /// An inotify instance: its watches (path resolved at dump, mask, wd).
+    /// Unread events are not saved.
+    Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

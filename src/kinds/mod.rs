@@ -27,9 +27,14 @@ use crate::types::{Pid, RemoteFd};
 
 pub mod chardev;
 pub mod deleted;
+pub mod epoll;
+pub mod eventfd;
+pub mod inotify;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod sys;
+pub mod timerfd;
 pub mod unix;
 pub mod unix_diag;
 
@@ -74,7 +79,18 @@ pub struct Kind {
 }
 
 /// Kinds in the order they are tried (deleted before regular).
-pub const REGISTRY: &[Kind] = &[deleted::KIND, regular::KIND, chardev::KIND, pipe::KIND, unix::KIND];
+pub const REGISTRY: &[Kind] = &[
+    deleted::KIND,
+    regular::KIND,
+    chardev::KIND,
+    pipe::KIND,
+    eventfd::KIND,
+    timerfd::KIND,
+    signalfd::KIND,
+    epoll::KIND,
+    inotify::KIND,
+    unix::KIND,
+];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -265,6 +281,11 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Deleted { .. } => deleted::restore(of, ctx),
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
+        FileKind::Eventfd { .. } => eventfd::restore(of, ctx),
+        FileKind::Timerfd { .. } => timerfd::restore(of, ctx),
+        FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
+        FileKind::Epoll { .. } => epoll::restore(of, ctx),
+        FileKind::Inotify { .. } => inotify::restore(of, ctx),
         FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
     }
 }
@@ -297,6 +318,5 @@ mod tests {
 /// whose state names the process's own descriptor numbers (an epoll set
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
-    let _ = (fds, files);
-    Ok(())
+    epoll::add_watches(fds, files)
 }

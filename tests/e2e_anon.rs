@@ -1,0 +1,176 @@
+//! End-to-end tests for anonymous-inode descriptors: eventfd, timerfd,
+//! signalfd, epoll, inotify. Each workload (fixtures/anon_*.c) sets the
+//! object up, writes "ready PID", and on SIGUSR1 checks the state it
+//! expects after a restore and writes "ok" or "FAIL: what".
+//!
+//! Run: `cargo test --release --test e2e_anon -- --test-threads=1`.
+
+#[macro_use]
+mod common;
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+
+fn check(d: &Path, pid: i32, what: &str) {
+    let res = signal_and_result(d, pid, libc::SIGUSR1, "result", secs(30));
+    assert!(res.starts_with("ok"), "{what}: {}", res.trim());
+}
+
+/// Lines of /proc/PID/fdinfo/FD that start with one of `keys`.
+fn fdinfo_lines(pid: i32, fd: i32, keys: &[&str]) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| keys.iter().any(|k| l.starts_with(k)))
+        .map(str::to_string)
+        .collect()
+}
+
+fn link(pid: i32, fd: i32) -> String {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Start fixture `name`, wait for "ready", return (reaper, tempdir, state dir, pid).
+fn start(name: &str, test: &str) -> Option<(Reaper, TempDir, std::path::PathBuf, i32)> {
+    let bin = fixture(name)?;
+    let t = TempDir::new(test);
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d), &t.join("log"));
+    let ready = wait_ready(&d, pid, secs(30));
+    assert_eq!(ready.split_whitespace().next(), Some(pid.to_string().as_str()), "ready: {ready}");
+    Some((r, t, d, pid))
+}
+
+fn dump_restore(t: &TempDir, r: &Reaper, pid: i32) {
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, r, &[pid]);
+}
+
+// ------------------------------------------------------------------ eventfd
+
+/// Counter (5, shared by a dup), semaphore mode (3) and O_NONBLOCK survive:
+/// after restore 5 + a new write of 2 reads as 7, and the semaphore gives
+/// 1 three times.
+#[test]
+fn eventfd_counter_and_semaphore() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_eventfd", "eventfd"), "eventfd_counter_and_semaphore", "gcc not found");
+    let keys = ["eventfd-count", "eventfd-semaphore", "flags"];
+    let before: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    dump_restore(&t, &r, pid);
+    let after: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert_eq!(before, after, "eventfd fdinfo differs after restore");
+    assert_eq!(link(pid, 12), "anon_inode:[eventfd]");
+    check(&d, pid, "after restore");
+}
+
+// ------------------------------------------------------------------ timerfd
+
+/// A periodic timer keeps firing at its interval, an absolute realtime
+/// deadline stays where it was, a relative boottime timer keeps its time
+/// left and interval, and an expired unread one-shot reads 1.
+#[test]
+fn timerfd_rearmed() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_timerfd", "timerfd"), "timerfd_rearmed", "gcc not found");
+    let keys = ["clockid", "settime flags", "flags", "it_interval"];
+    let before: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert!(fdinfo_lines(pid, 12, &["ticks"]) == ["ticks: 1"], "fixture fd 12: {:?}", fdinfo_lines(pid, 12, &["ticks"]));
+    dump_restore(&t, &r, pid);
+    let after: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert_eq!(before, after, "timerfd fdinfo differs after restore");
+    check(&d, pid, "after restore");
+}
+
+// ------------------------------------------------------------------ signalfd
+
+/// The masks and O_NONBLOCK survive; a signal queued before the dump and
+/// one sent after the restore are read from the signalfd.
+#[test]
+fn signalfd_mask() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_signalfd", "signalfd"), "signalfd_mask", "gcc not found");
+    let keys = ["sigmask", "flags"];
+    let before: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    dump_restore(&t, &r, pid);
+    let after: Vec<_> = [10, 11].iter().map(|&fd| fdinfo_lines(pid, fd, &keys)).collect();
+    assert_eq!(before, after, "signalfd fdinfo differs after restore");
+    check(&d, pid, "after restore");
+}
+
+// ------------------------------------------------------------------ epoll
+
+/// Watches (events, data) come back, added by the process at its own fd
+/// numbers; an epoll watching an epoll works; the event pending at the
+/// dump (a pipe with unread bytes) is reported after restore with its data.
+#[test]
+fn epoll_watches_and_pending_event() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_epoll", "epoll"), "epoll_watches_and_pending_event", "gcc not found");
+    let watches = |pid| -> Vec<Vec<String>> {
+        [13, 14]
+            .iter()
+            .map(|&fd| {
+                let mut v: Vec<String> = fdinfo_lines(pid, fd, &["tfd:", "flags"])
+                    .iter()
+                    .map(|l| l.split(" pos:").next().unwrap().to_string())
+                    .collect();
+                v.sort();
+                v
+            })
+            .collect()
+    };
+    let before = watches(pid);
+    assert_eq!(before[0].len(), 3, "fixture: {before:?}");
+    dump_restore(&t, &r, pid);
+    assert_eq!(before, watches(pid), "epoll watches differ after restore");
+    check(&d, pid, "after restore");
+}
+
+/// A watch whose descriptor was closed after it was added (the file lives
+/// on at another number) cannot be re-added: the dump is refused naming
+/// pid, the epoll fd and the watched fd, and the process keeps running.
+#[test]
+fn epoll_watch_of_closed_fd_refused() {
+    let _l = lock();
+    let bin = need!(fixture("anon_epoll"), "epoll_watch_of_closed_fd_refused", "gcc not found");
+    let t = TempDir::new("epoll_closed");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d).arg("closed"), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should have been refused: {}", run.describe());
+    for w in [format!("pid {pid} fd 15"), "fd 16".into(), "closed".into()] {
+        assert!(run.stderr.contains(&w), "error does not contain {w:?}: {}", run.stderr);
+    }
+    assert!(!run.stderr.contains("panicked"));
+    assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");
+    check(&d, pid, "after the refused dump");
+}
+
+// ------------------------------------------------------------------ inotify
+
+/// Watches come back on the same paths with the same masks and the same
+/// watch descriptors (wd 1 and 3, with the gap of a removed wd 2), and
+/// report new events; unread events are not restored (none are queued).
+#[test]
+fn inotify_watches_same_wds() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_inotify", "inotify"), "inotify_watches_same_wds", "gcc not found");
+    let watches = |pid| -> Vec<String> {
+        fdinfo_lines(pid, 10, &["inotify", "flags"])
+            .iter()
+            .map(|l| l.split(" ignored_mask").next().unwrap().to_string())
+            .collect()
+    };
+    let before = watches(pid);
+    assert_eq!(before.len(), 3, "fixture: {before:?}");
+    dump_restore(&t, &r, pid);
+    assert_eq!(before, watches(pid), "inotify watches differ after restore");
+    check(&d, pid, "after restore");
+}
