@@ -153,6 +153,7 @@ struct BgWriter {
     tx: Option<SyncSender<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
     thread: Option<JoinHandle<Result<(u64, u64, bool)>>>,
+    blocked: std::time::Duration,
 }
 
 impl BgWriter {
@@ -162,14 +163,18 @@ impl BgWriter {
         let thread = std::thread::Builder::new()
             .name("snap-pack-writer".into())
             .spawn(move || -> Result<(u64, u64, bool)> {
+                let mut busy = std::time::Duration::ZERO;
                 for mut buf in rx {
+                    let t = std::time::Instant::now();
                     match &mut sink {
                         Sink::Plain(w) => w.write_all(&buf).context("writing page pack")?,
                         Sink::Zstd(w) => w.write_all(&buf).context("writing compressed page pack")?,
                     }
+                    busy += t.elapsed();
                     buf.clear();
                     let _ = free_tx.try_send(buf);
                 }
+                crate::images::dir::timing(&format!("pack writer busy {:.1} ms", busy.as_secs_f64() * 1e3));
                 let done = |w: HashingWriter<File>, z| -> Result<(u64, u64, bool)> {
                     let (n, x, f) = w.into_parts();
                     f.sync_all().context("fsync page pack")?;
@@ -181,11 +186,12 @@ impl BgWriter {
                 }
             })
             .context("starting the page pack writer thread")?;
-        Ok(Self { tx: Some(tx), free, thread: Some(thread) })
+        Ok(Self { tx: Some(tx), free, thread: Some(thread), blocked: Default::default() })
     }
 
     /// Wait for the thread and return its result (its error if it failed).
     fn join(&mut self) -> Result<(u64, u64, bool)> {
+        crate::images::dir::timing(&format!("main blocked on writer {:.1} ms", self.blocked.as_secs_f64() * 1e3));
         self.tx = None;
         match self.thread.take() {
             Some(t) => t.join().map_err(|_| anyhow::anyhow!("page pack writer thread panicked"))?,
@@ -195,8 +201,9 @@ impl BgWriter {
 
     /// Hand a full buffer over; returns an empty one to fill next.
     fn send(&mut self, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let t = std::time::Instant::now();
         let sent = match &self.tx {
-            Some(tx) => tx.send(buf).is_ok(),
+            Some(tx) => { let r = tx.send(buf).is_ok(); self.blocked += t.elapsed(); r }
             None => false,
         };
         if !sent {
@@ -374,6 +381,8 @@ impl Drop for Backing {
 struct StoreInner {
     data: Backing,
     index: HashMap<PageHash, u32, BuildPageHasher>,
+    /// The hash of each page of the pack, by position (`pages.idx`).
+    order: Vec<PageHash>,
     compressed: bool,
     pack_file_bytes: u64,
 }
@@ -401,8 +410,9 @@ fn map_file(file: &File, len: usize, what: &Path) -> Result<Backing> {
     Ok(Backing::Mapped { ptr, len })
 }
 
-/// Parse `pages.idx`: 16-byte LE hashes, no duplicates.
-fn parse_index(index: &[u8]) -> Result<HashMap<PageHash, u32, BuildPageHasher>> {
+/// Parse `pages.idx`: 16-byte LE hashes, no duplicates. Returns the map
+/// hash -> position and the hashes by position.
+fn parse_index(index: &[u8]) -> Result<(HashMap<PageHash, u32, BuildPageHasher>, Vec<PageHash>)> {
     ensure!(
         index.len() % INDEX_ENTRY_SIZE == 0,
         "{INDEX_NAME}: length {} is not a multiple of {INDEX_ENTRY_SIZE}",
@@ -411,20 +421,27 @@ fn parse_index(index: &[u8]) -> Result<HashMap<PageHash, u32, BuildPageHasher>> 
     let n = index.len() / INDEX_ENTRY_SIZE;
     ensure!(n <= u32::MAX as usize, "{INDEX_NAME}: {n} pages is too many");
     let mut map = HashMap::with_capacity_and_hasher(n, BuildPageHasher::default());
+    let mut order = Vec::with_capacity(n);
     for (i, e) in index.as_chunks::<INDEX_ENTRY_SIZE>().0.iter().enumerate() {
         let h = u128::from_le_bytes(*e);
         if map.insert(h, i as u32).is_some() {
             bail!("{INDEX_NAME}: page hash {h:032x} appears twice (entry {i})");
         }
+        order.push(h);
     }
-    Ok(map)
+    Ok((map, order))
 }
 
 impl PageStoreReader {
     /// Load a store from an already-verified pack file and index contents.
     /// The pack must hold exactly `index.len() / 16` pages.
+    ///
+    /// Page contents are not checked here: every accessor that hands out
+    /// page bytes (`page`, `verified`) hashes them and compares with the
+    /// page's name first, so a damaged pack gives an error, never wrong
+    /// memory, and costs no separate pass over the file.
     pub fn load(pack_path: &Path, compressed: bool, index: &[u8]) -> Result<Self> {
-        let idx = parse_index(index)?;
+        let (idx, order) = parse_index(index)?;
         let want = (idx.len() as u64)
             .checked_mul(PAGE_SIZE as u64)
             .context("page store size overflows")?;
@@ -461,7 +478,7 @@ impl PageStoreReader {
             let len = usize::try_from(want).context("page pack larger than the address space")?;
             map_file(&file, len, pack_path)?
         };
-        Ok(Self { inner: Arc::new(StoreInner { data, index: idx, compressed, pack_file_bytes: file_len }) })
+        Ok(Self { inner: Arc::new(StoreInner { data, index: idx, order, compressed, pack_file_bytes: file_len }) })
     }
 
     /// A store with no pages.
@@ -470,21 +487,46 @@ impl PageStoreReader {
             inner: Arc::new(StoreInner {
                 data: Backing::Empty,
                 index: HashMap::with_hasher(BuildPageHasher::default()),
+                order: Vec::new(),
                 compressed: false,
                 pack_file_bytes: 0,
             }),
         }
     }
 
-    /// The 4096 bytes of the page with this hash.
+    /// The 4096 bytes of the page with this hash, checked against it.
     pub fn page(&self, hash: PageHash) -> Result<&[u8]> {
-        let i = *self.inner.index.get(&hash).with_context(|| format!("page {hash:032x} is not in the page store"))?;
-        let off = i as usize * PAGE_SIZE;
-        self.inner
+        let off = self.page_offset(hash)?;
+        self.verified(off, PAGE_SIZE)
+    }
+
+    /// `len` bytes of the pack from byte `off` (both multiples of 4096),
+    /// after checking that every page in them hashes to its name in the
+    /// index: the integrity check of the pack, done page by page as the
+    /// pages are used (in cache, right before they are copied on) rather
+    /// than as a separate pass over the whole file. Errors name the page.
+    pub fn verified(&self, off: usize, len: usize) -> Result<&[u8]> {
+        ensure!(
+            off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0,
+            "page store range {off:#x}+{len:#x} is not page-aligned"
+        );
+        let data = self
+            .inner
             .data
             .bytes()
-            .get(off..off + PAGE_SIZE)
-            .with_context(|| format!("page {hash:032x}: offset {off} beyond the pack"))
+            .get(off..off.checked_add(len).context("page store range overflows")?)
+            .with_context(|| format!("page store range {off:#x}+{len:#x} is beyond the pack"))?;
+        let first = off / PAGE_SIZE;
+        let names = self.inner.order.get(first..first + len / PAGE_SIZE).context("page store range beyond the index")?;
+        for ((i, p), &h) in data.as_chunks::<PAGE_SIZE>().0.iter().enumerate().zip(names) {
+            if hash_page(p) != h {
+                bail!(
+                    "page store damaged: page {} of the pack does not hash to its name {h:032x}",
+                    first + i
+                );
+            }
+        }
+        Ok(data)
     }
 
     pub fn contains(&self, hash: PageHash) -> bool {
@@ -509,21 +551,15 @@ impl PageStoreReader {
         self.inner.pack_file_bytes
     }
 
-    /// The whole (decompressed) pack: page `i` at `i * 4096`. For restore
-    /// paths that want one big `process_vm_writev` source.
+    /// The whole (decompressed) pack: page `i` at `i * 4096`, NOT checked
+    /// (see `verified`); for whole-file checksums.
     pub fn pack_bytes(&self) -> &[u8] {
         self.inner.data.bytes()
     }
 
     /// Re-hash every page and compare with its key (slow, full pass).
     pub fn verify_pages(&self) -> Result<()> {
-        let data = self.inner.data.bytes();
-        for (&h, &i) in &self.inner.index {
-            let off = i as usize * PAGE_SIZE;
-            let p = data.get(off..off + PAGE_SIZE).context("page beyond the pack")?;
-            ensure!(hash_page(p) == h, "page {i} of the pack does not hash to {h:032x}");
-        }
-        Ok(())
+        self.verified(0, self.inner.order.len() * PAGE_SIZE).map(|_| ())
     }
 }
 
@@ -564,6 +600,43 @@ mod tests {
         assert!(w.add_pages(0x1000, &data[..100], &mut map).is_err());
         assert!(w.add_pages(0x1001, &data[..4096], &mut map).is_err());
         assert!(w.add_pages(u64::MAX - 4095, &data[..8192], &mut map).is_err());
+    }
+
+    /// A damaged pack loads (sizes are right) but hands out no damaged
+    /// page: `page`, `verified` and `verify_pages` all fail, naming it.
+    #[test]
+    fn damaged_pack_is_caught_per_page() {
+        let dir = std::env::temp_dir().join(format!("snap-pagestore-dmg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(PACK_NAME);
+        let mut w = PageStoreWriter::to_file(File::create(&path).unwrap(), false).unwrap();
+        let mut data = Vec::new();
+        for i in 0..8u8 {
+            data.extend(page(i));
+        }
+        let mut map = Vec::new();
+        w.add_pages(0, &data, &mut map).unwrap();
+        let s = w.finish().unwrap();
+        assert_eq!(s.pages, 8);
+        assert_eq!(s.pack_xxh3, xxhash_rust::xxh3::xxh3_64(&data));
+        let r = PageStoreReader::load(&path, false, &s.index).unwrap();
+        assert_eq!(r.verified(0, 8 * PAGE_SIZE).unwrap(), &data[..]);
+        r.verify_pages().unwrap();
+        drop(r);
+        let mut b = std::fs::read(&path).unwrap();
+        b[5 * PAGE_SIZE + 100] ^= 0x40;
+        std::fs::write(&path, &b).unwrap();
+        let r = PageStoreReader::load(&path, false, &s.index).unwrap();
+        assert!(r.page(map[4].1).is_ok());
+        let e = format!("{:#}", r.page(map[5].1).unwrap_err());
+        assert!(e.contains("page 5 "), "{e}");
+        assert!(r.verified(4 * PAGE_SIZE, 2 * PAGE_SIZE).is_err());
+        assert!(r.verified(0, 5 * PAGE_SIZE).is_ok());
+        assert!(r.verify_pages().is_err());
+        assert!(r.verified(PAGE_SIZE, 8 * PAGE_SIZE).is_err(), "beyond the pack");
+        assert!(r.verified(100, PAGE_SIZE).is_err(), "unaligned");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Throughput of add_pages (writing the pack to /dev/shm) against a
@@ -631,7 +704,8 @@ impl PageStoreReader {
         Ok(i as usize * PAGE_SIZE)
     }
 
-    /// Every page of the store, back to back.
+    /// Every page of the store, back to back, NOT checked against the
+    /// index (use `verified` or `page` for contents that will be used).
     pub fn bytes(&self) -> &[u8] {
         self.inner.data.bytes()
     }
