@@ -119,8 +119,10 @@ fn dump(a: &DumpArgs) -> Result<()> {
                 plan.push((vma, ranges));
             }
         }
+        crate::images::dir::timing("dump: page ranges listed");
         let bytes: usize = plan.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
         total_pages += (bytes / PAGE_SIZE) as u64;
+        w.pages().reserve(bytes / PAGE_SIZE);
         let mut prog = Progress::new("dump", bytes as u64);
         for (vma, ranges) in plan {
             let mut out: Vec<(u64, PageHash)> = Vec::new();
@@ -154,6 +156,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
             }
         }
         prog.finish();
+        crate::images::dir::timing("dump: memory read");
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         map.sort_by_key(|e| e.0);
         w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;

@@ -39,9 +39,10 @@ pub const PACK_NAME: &str = "pages.pack";
 pub const PACK_ZST_NAME: &str = "pages.pack.zst";
 pub const INDEX_NAME: &str = "pages.idx";
 
-/// Pages are buffered until this many bytes are pending, then written in
-/// one call (big writes: the sink sees >= 8 MiB at a time).
-const FLUSH_BYTES: usize = 8 << 20;
+/// Pages are buffered until this many bytes are pending, then handed to the
+/// writer thread in one piece (2 MiB: big writes, yet the buffers of the
+/// queue stay in cache).
+const FLUSH_BYTES: usize = 2 << 20;
 /// zstd level for compressed packs: level 1 keeps up with the disk.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -115,9 +116,42 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Where the pack goes. A plain pack is checksummed page by page in
+/// `add_pages` (the pages are in cache there, and the writer thread, the
+/// slow side, is left with nothing but the copy into the file); a
+/// compressed one is checksummed as the compressed bytes pass.
 enum Sink {
-    Plain(HashingWriter<File>),
+    Plain { file: File, bytes: u64 },
     Zstd(zstd::stream::write::Encoder<'static, HashingWriter<File>>),
+}
+
+impl Sink {
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        match self {
+            Sink::Plain { file, bytes } => {
+                file.write_all(buf).context("writing page pack")?;
+                *bytes += buf.len() as u64;
+            }
+            Sink::Zstd(w) => w.write_all(buf).context("writing compressed page pack")?,
+        }
+        Ok(())
+    }
+
+    /// End the stream, fsync; (bytes in the file, xxh3-64 of them if the
+    /// sink computed it, compressed).
+    fn finish(self) -> Result<(u64, Option<u64>, bool)> {
+        match self {
+            Sink::Plain { file, bytes } => {
+                file.sync_all().context("fsync page pack")?;
+                Ok((bytes, None, false))
+            }
+            Sink::Zstd(enc) => {
+                let (n, x, f) = enc.finish().context("ending zstd stream of page pack")?.into_parts();
+                f.sync_all().context("fsync page pack")?;
+                Ok((n, Some(x), true))
+            }
+        }
+    }
 }
 
 /// What `PageStoreWriter::finish` wrote.
@@ -148,50 +182,47 @@ pub struct PageStats {
 }
 
 /// The pack is written by a background thread (compression there too), so
-/// hashing and the copy into the page cache overlap.
+/// hashing and the copy into the file overlap. Buffers go round between the
+/// two threads and are reused: fresh memory is expensive on a VM whose host
+/// backs it lazily, and small buffers stay in cache between the threads.
 struct BgWriter {
     tx: Option<SyncSender<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
-    thread: Option<JoinHandle<Result<(u64, u64, bool)>>>,
+    thread: Option<JoinHandle<Result<(u64, Option<u64>, bool)>>>,
     blocked: std::time::Duration,
 }
 
+/// Buffers queued for the writer thread beyond the one it is writing.
+const QUEUE: usize = 4;
+
 impl BgWriter {
     fn spawn(mut sink: Sink) -> Result<Self> {
-        let (tx, rx) = sync_channel::<Vec<u8>>(1);
-        let (free_tx, free) = sync_channel::<Vec<u8>>(4);
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
+        let (free_tx, free) = sync_channel::<Vec<u8>>(QUEUE + 2);
         let thread = std::thread::Builder::new()
             .name("snap-pack-writer".into())
-            .spawn(move || -> Result<(u64, u64, bool)> {
+            .spawn(move || -> Result<(u64, Option<u64>, bool)> {
                 let mut busy = std::time::Duration::ZERO;
                 for mut buf in rx {
                     let t = std::time::Instant::now();
-                    match &mut sink {
-                        Sink::Plain(w) => w.write_all(&buf).context("writing page pack")?,
-                        Sink::Zstd(w) => w.write_all(&buf).context("writing compressed page pack")?,
-                    }
+                    sink.write(&buf)?;
                     busy += t.elapsed();
                     buf.clear();
                     let _ = free_tx.try_send(buf);
                 }
-                crate::images::dir::timing(&format!("pack writer busy {:.1} ms", busy.as_secs_f64() * 1e3));
-                let done = |w: HashingWriter<File>, z| -> Result<(u64, u64, bool)> {
-                    let (n, x, f) = w.into_parts();
-                    f.sync_all().context("fsync page pack")?;
-                    Ok((n, x, z))
-                };
-                match sink {
-                    Sink::Plain(w) => done(w, false),
-                    Sink::Zstd(enc) => done(enc.finish().context("ending zstd stream of page pack")?, true),
-                }
+                crate::images::dir::timing(&format!("pack writer: {:.1} ms writing", busy.as_secs_f64() * 1e3));
+                sink.finish()
             })
             .context("starting the page pack writer thread")?;
         Ok(Self { tx: Some(tx), free, thread: Some(thread), blocked: Default::default() })
     }
 
     /// Wait for the thread and return its result (its error if it failed).
-    fn join(&mut self) -> Result<(u64, u64, bool)> {
-        crate::images::dir::timing(&format!("main blocked on writer {:.1} ms", self.blocked.as_secs_f64() * 1e3));
+    fn join(&mut self) -> Result<(u64, Option<u64>, bool)> {
+        crate::images::dir::timing(&format!(
+            "pack writer: add_pages waited {:.1} ms for it",
+            self.blocked.as_secs_f64() * 1e3
+        ));
         self.tx = None;
         match self.thread.take() {
             Some(t) => t.join().map_err(|_| anyhow::anyhow!("page pack writer thread panicked"))?,
@@ -203,46 +234,55 @@ impl BgWriter {
     fn send(&mut self, buf: Vec<u8>) -> Result<Vec<u8>> {
         let t = std::time::Instant::now();
         let sent = match &self.tx {
-            Some(tx) => { let r = tx.send(buf).is_ok(); self.blocked += t.elapsed(); r }
+            Some(tx) => tx.send(buf).is_ok(),
             None => false,
         };
+        self.blocked += t.elapsed();
         if !sent {
             // The thread stopped: its result carries the reason.
             self.join()?;
             bail!("page pack writer stopped");
         }
-        Ok(self.free.try_recv().unwrap_or_else(|_| Vec::with_capacity(FLUSH_BYTES + PAGE_SIZE)))
+        Ok(self.free.try_recv().unwrap_or_else(|_| Vec::with_capacity(FLUSH_BYTES)))
     }
+}
+
+/// The pack's writer: started on the first full buffer, so a small dump
+/// (everything fits one buffer) writes it from the calling thread at the
+/// end and never starts a thread.
+enum Output {
+    Pending(Sink),
+    Running(BgWriter),
+    Discard,
 }
 
 pub struct PageStoreWriter {
     seen: HashSet<PageHash, BuildPageHasher>,
     order: Vec<PageHash>,
     buf: Vec<u8>,
-    writer: Option<BgWriter>,
+    out: Output,
+    /// xxh3-64 of a plain pack, page by page as stored.
+    pack_hash: Option<Xxh3Default>,
     stats: PageStats,
 }
 
 impl PageStoreWriter {
-    fn with_sink(sink: Sink) -> Result<Self> {
+    /// A store writing its pack to `file` (compressed with zstd if asked).
+    pub fn to_file(file: File, compress: bool) -> Result<Self> {
+        let (sink, pack_hash) = if compress {
+            let w = HashingWriter::new(file);
+            (Sink::Zstd(zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).context("zstd encoder")?), None)
+        } else {
+            (Sink::Plain { file, bytes: 0 }, Some(Xxh3Default::new()))
+        };
         Ok(Self {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
             order: Vec::new(),
-            buf: Vec::with_capacity(FLUSH_BYTES + PAGE_SIZE),
-            writer: Some(BgWriter::spawn(sink)?),
+            buf: Vec::new(),
+            out: Output::Pending(sink),
+            pack_hash,
             stats: PageStats::default(),
         })
-    }
-
-    /// A store writing its pack to `file` (compressed with zstd if asked).
-    pub fn to_file(file: File, compress: bool) -> Result<Self> {
-        let w = HashingWriter::new(file);
-        let sink = if compress {
-            Sink::Zstd(zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).context("zstd encoder")?)
-        } else {
-            Sink::Plain(w)
-        };
-        Self::with_sink(sink)
     }
 
     /// A store that hashes and deduplicates but keeps no page data.
@@ -251,9 +291,17 @@ impl PageStoreWriter {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
             order: Vec::new(),
             buf: Vec::new(),
-            writer: None,
+            out: Output::Discard,
+            pack_hash: None,
             stats: PageStats::default(),
         }
+    }
+
+    /// Room for `pages` more distinct pages (saves rehashing, and the fresh
+    /// memory each rehash touches, while a big process streams in).
+    pub fn reserve(&mut self, pages: usize) {
+        self.seen.reserve(pages);
+        self.order.reserve(pages);
     }
 
     pub fn stats(&self) -> PageStats {
@@ -281,7 +329,7 @@ impl PageStoreWriter {
             "add_pages: {npages} pages at {first_addr:#x} overflow the address space"
         );
         map.reserve(npages);
-        let keep = self.writer.is_some();
+        let keep = !matches!(self.out, Output::Discard);
         let (pages, _) = data.as_chunks::<PAGE_SIZE>();
         let mut addr = first_addr;
         for page in pages {
@@ -298,6 +346,12 @@ impl PageStoreWriter {
                     self.order.push(h);
                     self.stats.stored_pages += 1;
                     if keep {
+                        if let Some(x) = &mut self.pack_hash {
+                            x.update(page);
+                        }
+                        if self.buf.capacity() == 0 {
+                            self.buf.reserve_exact(FLUSH_BYTES);
+                        }
                         self.buf.extend_from_slice(page);
                         if self.buf.len() >= FLUSH_BYTES {
                             self.flush_buf()?;
@@ -316,11 +370,16 @@ impl PageStoreWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if let Some(w) = &mut self.writer {
-            let full = std::mem::take(&mut self.buf);
-            self.buf = w.send(full)?;
-        } else {
-            self.buf.clear();
+        if let Output::Pending(_) = self.out {
+            let Output::Pending(sink) = std::mem::replace(&mut self.out, Output::Discard) else { unreachable!() };
+            self.out = Output::Running(BgWriter::spawn(sink)?);
+        }
+        match &mut self.out {
+            Output::Running(w) => {
+                let full = std::mem::take(&mut self.buf);
+                self.buf = w.send(full)?;
+            }
+            _ => self.buf.clear(),
         }
         Ok(())
     }
@@ -328,15 +387,29 @@ impl PageStoreWriter {
     /// Write out what is buffered, end the compressed stream, fsync, and
     /// return the pack's size and checksum and the index contents.
     pub fn finish(mut self) -> Result<PackSummary> {
-        self.flush_buf()?;
         let mut index = Vec::with_capacity(self.order.len() * INDEX_ENTRY_SIZE);
         for h in &self.order {
             index.extend_from_slice(&h.to_le_bytes());
         }
         let pages = self.order.len() as u64;
-        let (pack_bytes, pack_xxh3, compressed) = match &mut self.writer {
-            Some(w) => w.join()?,
-            None => (0, 0, false),
+        let (pack_bytes, sink_xxh3, compressed) = match std::mem::replace(&mut self.out, Output::Discard) {
+            // Never filled a buffer: write it here, no thread.
+            Output::Pending(mut sink) => {
+                sink.write(&self.buf)?;
+                sink.finish()?
+            }
+            Output::Running(mut w) => {
+                if !self.buf.is_empty() {
+                    w.send(std::mem::take(&mut self.buf))?;
+                }
+                w.join()?
+            }
+            Output::Discard => (0, Some(0), false),
+        };
+        let pack_xxh3 = match (sink_xxh3, self.pack_hash.take()) {
+            (Some(x), _) => x,
+            (None, Some(h)) => h.digest(),
+            (None, None) => bail!("page pack checksum missing"),
         };
         Ok(PackSummary { pages, pack_bytes, pack_xxh3, index, compressed })
     }
