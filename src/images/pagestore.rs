@@ -182,23 +182,26 @@ pub struct PageStats {
 }
 
 /// The pack is written by a background thread (compression there too), so
-/// hashing and the copy into the file overlap. Buffers go round between the
-/// two threads and are reused: fresh memory is expensive on a VM whose host
-/// backs it lazily, and small buffers stay in cache between the threads.
+/// hashing and the copy into the file overlap. A fixed pool of buffers goes
+/// round between the two threads: fresh memory is expensive on a VM whose
+/// host backs it lazily (a buffer allocated per flush costs a page fault per
+/// 4 KiB), and small buffers stay in cache between the threads.
 struct BgWriter {
     tx: Option<SyncSender<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
+    /// Buffers made so far (at most `POOL`).
+    made: usize,
     thread: Option<JoinHandle<Result<(u64, Option<u64>, bool)>>>,
     blocked: std::time::Duration,
 }
 
-/// Buffers queued for the writer thread beyond the one it is writing.
-const QUEUE: usize = 4;
+/// Buffers in circulation between the threads.
+const POOL: usize = 4;
 
 impl BgWriter {
     fn spawn(mut sink: Sink) -> Result<Self> {
-        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
-        let (free_tx, free) = sync_channel::<Vec<u8>>(QUEUE + 2);
+        let (tx, rx) = sync_channel::<Vec<u8>>(POOL);
+        let (free_tx, free) = sync_channel::<Vec<u8>>(POOL);
         let thread = std::thread::Builder::new()
             .name("snap-pack-writer".into())
             .spawn(move || -> Result<(u64, Option<u64>, bool)> {
@@ -214,7 +217,7 @@ impl BgWriter {
                 sink.finish()
             })
             .context("starting the page pack writer thread")?;
-        Ok(Self { tx: Some(tx), free, thread: Some(thread), blocked: Default::default() })
+        Ok(Self { tx: Some(tx), free, made: 1, thread: Some(thread), blocked: Default::default() })
     }
 
     /// Wait for the thread and return its result (its error if it failed).
@@ -230,20 +233,31 @@ impl BgWriter {
         }
     }
 
-    /// Hand a full buffer over; returns an empty one to fill next.
+    /// Hand a full buffer over; returns an empty one to fill next (a new
+    /// one while the pool is not complete, else the next one written out).
     fn send(&mut self, buf: Vec<u8>) -> Result<Vec<u8>> {
         let t = std::time::Instant::now();
         let sent = match &self.tx {
             Some(tx) => tx.send(buf).is_ok(),
             None => false,
         };
+        let next = if !sent {
+            None
+        } else if self.made < POOL {
+            self.made += 1;
+            Some(Vec::with_capacity(FLUSH_BYTES))
+        } else {
+            self.free.recv().ok()
+        };
         self.blocked += t.elapsed();
-        if !sent {
-            // The thread stopped: its result carries the reason.
-            self.join()?;
-            bail!("page pack writer stopped");
+        match next {
+            Some(b) => Ok(b),
+            None => {
+                // The thread stopped: its result carries the reason.
+                self.join()?;
+                bail!("page pack writer stopped");
+            }
         }
-        Ok(self.free.try_recv().unwrap_or_else(|_| Vec::with_capacity(FLUSH_BYTES)))
     }
 }
 
