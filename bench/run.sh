@@ -12,8 +12,11 @@
 # Targets: 1 GiB dump and restore >= 40% of memcpy; small dump/restore < 10 ms.
 # Takes the e2e test lock ($TMPDIR/snap-e2e.lock) so it never runs beside the
 # end-to-end tests (same PIDs, same CPUs). Writes bench/results-DATE.txt.
-# Run as root. SNAP_TIMING=1 makes snap print where its time goes.
+# Times are taken with $EPOCHREALTIME (no process started inside the
+# measured interval). Run as root. SNAP_TIMING=1 makes snap print where its time goes.
 set -euo pipefail
+export LC_ALL=C
+[ -n "${EPOCHREALTIME:-}" ] || { echo "bench/run.sh needs bash >= 5 (EPOCHREALTIME)" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 REPS=${REPS:-3}
@@ -39,7 +42,6 @@ if ! flock -n 9; then
     flock 9
 fi
 
-now() { date +%s.%N; }
 calc() { awk "BEGIN { print $* }"; }
 wait_gone() { # pid [timeout s]
     local t=$(( $(date +%s) + ${2:-30} ))
@@ -81,13 +83,13 @@ mem_case() { # MiB
         local pid=$PID
         wait_file "$st/ready"
         local t0 t1 t2 t3
-        t0=$(now)
+        t0=$EPOCHREALTIME
         "$SNAP" dump -t $pid -D "$img" 2>"$WORK/err" || { cat "$WORK/err" >&2; exit 1; }
-        t1=$(now)
+        t1=$EPOCHREALTIME
         wait_gone $pid
-        t2=$(now)
+        t2=$EPOCHREALTIME
         "$SNAP" restore -D "$img" -d
-        t3=$(now)
+        t3=$EPOCHREALTIME
         rm -f "$st/result"
         kill -USR1 $pid
         wait_file "$st/result"
@@ -117,9 +119,9 @@ for i in $(seq 10); do
     pid=$PID
     while [ "$(cut -d' ' -f1 /proc/$pid/syscall 2>/dev/null)" != 230 ] && [ "$(cut -d' ' -f1 /proc/$pid/syscall 2>/dev/null)" != 35 ]; do sleep 0.005; done
     img=$WORK/sleep$i
-    t0=$(now); "$SNAP" dump -t $pid -D "$img"; t1=$(now)
+    t0=$EPOCHREALTIME; "$SNAP" dump -t $pid -D "$img"; t1=$EPOCHREALTIME
     wait_gone $pid
-    t2=$(now); "$SNAP" restore -D "$img" -d; t3=$(now)
+    t2=$EPOCHREALTIME; "$SNAP" restore -D "$img" -d; t3=$EPOCHREALTIME
     kill -9 $pid
     DUMPS+=("$(calc "($t1 - $t0) * 1000")")
     RESTS+=("$(calc "($t3 - $t2) * 1000")")
