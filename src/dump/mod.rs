@@ -122,13 +122,21 @@ fn dump(a: &DumpArgs) -> Result<()> {
                 plan.push((vma, ranges));
             }
         }
+        crate::images::dir::timing("dump: page ranges listed");
         let bytes: usize = plan.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
         total_pages += (bytes / PAGE_SIZE) as u64;
+        w.pages().reserve(bytes / PAGE_SIZE);
+        // Sized up front: growing these by doubling touches fresh memory
+        // again and again, which is what costs on this VM.
+        map.reserve(bytes / PAGE_SIZE);
+        let mut shm_out: Vec<(u64, PageHash)> = Vec::new();
         let mut prog = Progress::new("dump", bytes as u64);
         for (vma, ranges) in plan {
-            let mut out: Vec<(u64, PageHash)> = Vec::new();
+            let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
+            // Private memory goes straight into the page map.
+            let out: &mut Vec<(u64, PageHash)> = if shared { &mut shm_out } else { &mut map };
             if vma.prot & libc::PROT_READ as u32 == 0 {
-                read_via_mem(pid, &ranges, &mut |addr, data| w.pages().add_pages(addr, data, &mut out))?;
+                read_via_mem(pid, &ranges, &mut |addr, data| w.pages().add_pages(addr, data, out))?;
             } else {
                 let mut cur = RangeCursor::new(&ranges);
                 let pages = w.pages();
@@ -138,7 +146,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
                         let mut off = 0;
                         while off < chunk.len() {
                             let (addr, take) = cur.next(chunk.len() - off)?;
-                            pages.add_pages(addr, &chunk[off..off + take], &mut out)?;
+                            pages.add_pages(addr, &chunk[off..off + take], out)?;
                             off += take;
                             prog.add(take as u64);
                         }
@@ -149,14 +157,13 @@ fn dump(a: &DumpArgs) -> Result<()> {
             }
             if let VmaKind::SharedAnon { shmem_id, .. } = vma.kind {
                 let obj = shmem.entry(shmem_id).or_default();
-                for (addr, h) in out {
+                for (addr, h) in shm_out.drain(..) {
                     obj.insert(vma.pgoff + (addr - vma.start), h);
                 }
-            } else {
-                map.extend(out);
             }
         }
         prog.finish();
+        crate::images::dir::timing("dump: memory read");
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         map.sort_by_key(|e| e.0);
         w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;

@@ -215,6 +215,7 @@ impl ImageWriter {
     /// Flush the page store, write the manifest and `inventory.json` last.
     pub fn finish(mut self, inv: Inventory) -> Result<()> {
         let summary = self.pages.finish().context("finishing the page store")?;
+        timing("page store finished");
         let idx_path = self.dir.join(INDEX_NAME);
         std::fs::write(&idx_path, &summary.index).with_context(|| format!("writing {}", idx_path.display()))?;
         self.files.push(ManifestFile {
@@ -239,6 +240,7 @@ impl ImageWriter {
         // Everything else must be on disk before the inventory says the
         // image is complete.
         let d = File::open(&self.dir).with_context(|| format!("open {}", self.dir.display()))?;
+        timing("syncfs");
         nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).with_context(|| format!("syncfs {}", self.dir.display()))?;
         let body = serde_json::to_vec_pretty(&InventoryFile { inventory: inv, manifest }).context("encoding inventory")?;
         let tmp = self.dir.join("inventory.json.tmp");
@@ -294,7 +296,10 @@ pub struct ImageReader {
 impl ImageReader {
     /// Open and validate (version, arch, manifest sizes and checksums).
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_inner(dir).with_context(|| format!("image {}", dir.display()))
+        timing("image open");
+        let r = Self::open_inner(dir).with_context(|| format!("image {}", dir.display()));
+        timing("image opened");
+        r
     }
 
     fn open_inner(dir: &Path) -> Result<Self> {
@@ -343,8 +348,8 @@ impl ImageReader {
         ensure!(files.contains_key(&ps.pack), "manifest: page pack {} is not listed", ps.pack);
         ensure!(files.contains_key(&ps.index), "manifest: page index {} is not listed", ps.index);
 
-        // Sizes and checksums of every file but the uncompressed pack, which
-        // is checked through its mapping below (one pass instead of two).
+        // Sizes and checksums of every file but the uncompressed pack (see
+        // below).
         for mf in &manifest.files {
             let (mut f, size) = open_in(dir, &mf.name)?;
             ensure!(size == mf.size, "image file {}: size {size}, manifest says {}", mf.name, mf.size);
@@ -363,13 +368,12 @@ impl ImageReader {
             ps.index,
             index.len() / 16
         );
+        // The uncompressed pack's size is checked above and by `load`; its
+        // contents are checked page by page as they are used (every page's
+        // name is its xxh3-128), which costs no pass of its own. Its
+        // manifest checksum remains for `verify_pack`.
         let store = PageStoreReader::load(&dir.join(&ps.pack), compressed, &index)
             .with_context(|| format!("page store {}", ps.pack))?;
-        if !compressed {
-            let x = hex64(xxh3_64(store.pack_bytes()));
-            let mf = &files[&ps.pack];
-            ensure!(x == mf.xxh3, "image file {}: checksum {x} does not match the manifest ({})", mf.name, mf.xxh3);
-        }
         Ok(Self { dir: dir.to_path_buf(), inv, manifest, files, store })
     }
 
@@ -415,6 +419,19 @@ impl ImageReader {
     pub fn pages(&self) -> Result<PageStoreReader> {
         Ok(self.store.clone())
     }
+
+    /// Full check of the page pack: its manifest checksum, and every page
+    /// against its name. `open` leaves this to the page accessors, which
+    /// check each page as it is used.
+    pub fn verify_pack(&self) -> Result<()> {
+        let ps = &self.manifest.page_store;
+        let mf = self.files.get(&ps.pack).with_context(|| format!("manifest: page pack {} is not listed", ps.pack))?;
+        if !self.store.compressed() {
+            let x = hex64(xxh3_64(self.store.pack_bytes()));
+            ensure!(x == mf.xxh3, "image file {}: checksum {x} does not match the manifest ({})", mf.name, mf.xxh3);
+        }
+        self.store.verify_pages().with_context(|| format!("image {}: page pack {}", self.dir.display(), ps.pack))
+    }
 }
 
 /// Read a file the manifest lists, checking its size and checksum again
@@ -429,4 +446,16 @@ fn read_listed(dir: &Path, files: &HashMap<String, ManifestFile>, name: &str) ->
     let x = hex64(xxh3_64(&b));
     ensure!(x == mf.xxh3, "image file {name}: checksum {x} does not match the manifest ({})", mf.xxh3);
     Ok(b)
+}
+
+/// With `SNAP_TIMING` set in the environment, print `label` and the
+/// milliseconds since the first call on stderr: where a dump or restore
+/// spends its time, without a profiler (bench/run.sh can show it).
+pub fn timing(label: &str) {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static START: OnceLock<Option<Instant>> = OnceLock::new();
+    if let Some(t0) = START.get_or_init(|| std::env::var_os("SNAP_TIMING").map(|_| Instant::now())) {
+        eprintln!("snap timing: {:9.3} ms  {label}", t0.elapsed().as_secs_f64() * 1e3);
+    }
 }

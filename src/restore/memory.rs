@@ -8,7 +8,7 @@ use super::pool::{Pool, CTL_LEN};
 use super::remote::Remote;
 use crate::images::records::{ProcessImage, VmaKind};
 use crate::images::{ImageReader, PageStoreReader};
-use crate::types::{RemoteAddr, PAGE_SIZE};
+use crate::types::PAGE_SIZE;
 use anyhow::{bail, Context, Result};
 
 struct CurVma {
@@ -150,6 +150,7 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
 
     // 4. Memory contents, in runs that are contiguous both in the target and
     //    in the page store (a fresh dump stores pages in address order).
+    crate::images::dir::timing("memory: mapped");
     let mut runs: Vec<(u64, usize, usize)> = Vec::new(); // (addr, pack offset, len)
     for &(addr, h) in &map {
         let off = store.page_offset(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
@@ -161,15 +162,11 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
         }
         runs.push((addr, off, PAGE_SIZE));
     }
-    let bytes = store.bytes();
-    let iov: Vec<(RemoteAddr, &[u8])> = runs
-        .iter()
-        .map(|&(a, o, l)| bytes.get(o..o + l).map(|s| (RemoteAddr(a), s)))
-        .collect::<Option<_>>()
-        .with_context(|| format!("pid {pid}: page beyond the end of the page store"))?;
-    crate::parasite::remote::write_mem_iov(crate::types::Pid(r.host), &iov)
-        .with_context(|| format!("pid {pid}: writing {} pages of memory", map.len()))?;
+    //    Each batch of pages is checked against its names (the pack's
+    //    integrity check) right before it is written, while in cache.
+    write_runs(r.host, store, &runs).with_context(|| format!("pid {pid}: writing {} pages of memory", map.len()))?;
 
+    crate::images::dir::timing("memory: written");
     // 5. Protections as they were.
     for (s, len, prot) in reprotect {
         r.call(libc::SYS_mprotect, [s, len, prot, 0, 0, 0]).with_context(|| format!("pid {pid}: mprotect {s:#x}"))?;
@@ -194,5 +191,121 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     r.write(auxv_addr, &aux_bytes)?;
     r.call(libc::SYS_prctl, [libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, pool.scratch(), st.len() as u64, 0, 0])
         .with_context(|| format!("pid {pid}: PR_SET_MM_MAP (brk {:#x}, exe {})", m.brk, p.exe))?;
+    Ok(())
+}
+
+/// Bytes per `process_vm_writev` batch: small enough that the pages just
+/// hashed are still in cache when the kernel copies them.
+const WRITE_BATCH: usize = 1 << 20;
+/// Below this much memory one thread writes it all.
+const PARALLEL_MIN: usize = 16 << 20;
+
+/// Step 4: write `runs` (target address, pack offset, length) into process
+/// `host` from the page store, in batches of up to 1 MiB and 1024 iovecs
+/// per `process_vm_writev`, each batch verified page by page first. Most of
+/// the time goes into faulting in the target's fresh pages (inside the
+/// kernel, in the calling thread), so big processes are written by one
+/// thread per CPU (at most 4), each taking the next batch.
+fn write_runs(host: i32, store: &PageStoreReader, runs: &[(u64, usize, usize)]) -> Result<()> {
+    // Cut the runs into batches: (first run, offset in it, last run, end offset in it).
+    let mut batches: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let (mut i, mut off, mut total) = (0usize, 0usize, 0usize);
+    let mut start = (0usize, 0usize);
+    let mut count = 0usize;
+    while i < runs.len() {
+        let l = runs[i].2;
+        let take = (l - off).min(WRITE_BATCH - count);
+        off += take;
+        count += take;
+        total += take;
+        let end = (i, off);
+        if off == l {
+            i += 1;
+            off = 0;
+        }
+        if count == WRITE_BATCH || i == runs.len() || (i - start.0) >= 1024 {
+            batches.push((start.0, start.1, end.0, end.1));
+            start = (i, off);
+            count = 0;
+        }
+    }
+    let threads = if total < PARALLEL_MIN {
+        1
+    } else {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4)
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Result<()> {
+        loop {
+            let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(r0, o0, r1, o1)) = batches.get(b) else { return Ok(()) };
+            if let Err(e) = write_batch(host, store, runs, (r0, o0), (r1, o1)) {
+                // Stop the other threads too.
+                next.store(batches.len(), std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    };
+    if threads == 1 {
+        return work();
+    }
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (1..threads).map(|_| sc.spawn(work)).collect();
+        let mut r = work();
+        for h in hs {
+            let x = h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("memory writer thread panicked")));
+            if r.is_ok() {
+                r = x;
+            }
+        }
+        r
+    })
+}
+
+/// One batch: from offset `o0` of run `r0` to end offset `o1` of run `r1`
+/// (inclusive run index).
+fn write_batch(
+    host: i32,
+    store: &PageStoreReader,
+    runs: &[(u64, usize, usize)],
+    (r0, o0): (usize, usize),
+    (r1, o1): (usize, usize),
+) -> Result<()> {
+    let mut local: Vec<libc::iovec> = Vec::with_capacity(r1 - r0 + 1);
+    let mut remote: Vec<libc::iovec> = Vec::with_capacity(r1 - r0 + 1);
+    for (j, &(a, o, l)) in runs[r0..=r1].iter().enumerate() {
+        let from = if j == 0 { o0 } else { 0 };
+        let to = if r0 + j == r1 { o1 } else { l };
+        let data = store.verified(o + from, to - from)?;
+        local.push(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: to - from });
+        remote.push(libc::iovec { iov_base: (a + from as u64) as *mut libc::c_void, iov_len: to - from });
+    }
+    let mut k = 0; // first iovec not completely written
+    while k < local.len() {
+        // SAFETY: the local iovecs point into the page store's mapping,
+        // alive for the call; the remote ones are only interpreted by the
+        // kernel in the target's address space.
+        let n = unsafe {
+            libc::process_vm_writev(host, local[k..].as_ptr(), (local.len() - k) as _, remote[k..].as_ptr(), (remote.len() - k) as _, 0)
+        };
+        if n <= 0 {
+            let at = remote[k].iov_base as u64;
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("process_vm_writev {} bytes at {at:#x}", remote[k].iov_len));
+        }
+        // Partial write: skip what was done, resume inside an iovec.
+        let mut n = n as usize;
+        while n > 0 {
+            let d = n.min(local[k].iov_len);
+            local[k].iov_base = (local[k].iov_base as usize + d) as *mut libc::c_void;
+            local[k].iov_len -= d;
+            remote[k].iov_base = (remote[k].iov_base as usize + d) as *mut libc::c_void;
+            remote[k].iov_len -= d;
+            n -= d;
+            if local[k].iov_len == 0 {
+                k += 1;
+            }
+        }
+    }
     Ok(())
 }
