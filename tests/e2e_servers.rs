@@ -163,3 +163,100 @@ fn python_asyncio_server_and_subprocess() {
     assert_eq!(ask(&path, "status"), "rc=-15\n");
     assert!(alive(pid) && proc_state(pid) != Some('Z'));
 }
+
+// ---------------------------------------------------------------- nginx
+
+fn curl(curl: &Path, sock: &Path, url: &str) -> String {
+    let o = Command::new(curl)
+        .args(["-sS", "-m", "10", "--unix-socket"])
+        .arg(sock)
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| panic!("run curl: {e}"));
+    assert!(o.status.success(), "curl {url}: {:?} {}", o.status, String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// "pid=N conn=M" answered by /n: the worker's pid.
+fn worker_of(answer: &str) -> i32 {
+    answer.strip_prefix("pid=").and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad answer {answer:?}"))
+}
+
+/// nginx, master and 2 workers (running as nobody), serving on a Unix
+/// socket: after restore it serves the same file and the same workers
+/// answer; a reload (SIGHUP) starts new workers through the restored
+/// master and retires the old ones over the restored channel socketpairs;
+/// a graceful quit (SIGQUIT) ends everything and removes the socket.
+#[test]
+fn nginx_master_workers_unix_socket() {
+    const T: &str = "nginx_master_workers_unix_socket";
+    let _l = lock();
+    let nginx = need!(which("nginx"), T, "nginx not installed (apt-get install nginx-light)");
+    let curl_bin = need!(which("curl"), T, "curl not installed");
+    let t = TempDir::new("nginx");
+    let r = Reaper::new();
+    let p = |n: &str| t.join(n).to_str().unwrap().to_string();
+    let sock = t.join("nginx.sock");
+    std::fs::create_dir_all(t.join("html")).unwrap();
+    std::fs::write(t.join("html/index.html"), "hello from nginx\n").unwrap();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {pid};\nerror_log {err};\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n\
+         fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;\n\
+         server {{\n    listen unix:{sock};\n    root {tmp}/html;\n\
+         location /n {{ return 200 \"pid=$pid conn=$connection\\n\"; }}\n  }}\n}}\n",
+        pid = p("nginx.pid"),
+        err = p("err.log"),
+        tmp = t.path.to_str().unwrap(),
+        sock = sock.to_str().unwrap(),
+    );
+    std::fs::write(t.join("nginx.conf"), conf).unwrap();
+    let master = spawn(
+        &r,
+        Command::new(&nginx).arg("-p").arg(&t.path).arg("-c").arg(t.join("nginx.conf")).arg("-e").arg(t.join("err.log")),
+        &t.join("log"),
+    );
+    let log = || format!("log: {}\nerr.log: {}", read_opt(&t.join("log")).unwrap_or_default(), read_opt(&t.join("err.log")).unwrap_or_default());
+    let workers = wait_for("nginx master with 2 workers", secs(30), || {
+        assert!(alive(master) && proc_state(master) != Some('Z'), "nginx died: {}", log());
+        let w = descendants(master);
+        (w.len() == 2 && sock.exists() && read_opt(&t.join("nginx.pid")).is_some()).then_some(w)
+    });
+    assert_eq!(read_opt(&t.join("nginx.pid")).unwrap().trim(), master.to_string());
+    assert_eq!(curl(&curl_bin, &sock, "http://x/"), "hello from nginx\n");
+    assert!(workers.contains(&worker_of(&curl(&curl_bin, &sock, "http://x/n"))));
+
+    let img = t.sub("img");
+    let (_, all) = dump_kill(&[master], &img, &[]);
+    assert_eq!(all.len(), 3, "{all:?}");
+    restore_ok(&img, &r, &all);
+    for &w in &workers {
+        assert_eq!(ppid(w), Some(master));
+        assert_eq!(status_field(w, "Uid").unwrap().split_whitespace().next(), Some("65534"), "worker {w} uid");
+    }
+    for _ in 0..10 {
+        assert_eq!(curl(&curl_bin, &sock, "http://x/"), "hello from nginx\n", "{}", log());
+        let w = worker_of(&curl(&curl_bin, &sock, "http://x/n"));
+        assert!(workers.contains(&w), "answered by {w}, not one of {workers:?}");
+    }
+
+    // Reload: new workers, the old ones told to quit over their channels.
+    assert!(kill(master, libc::SIGHUP));
+    let fresh = wait_for("new workers after SIGHUP", secs(30), || {
+        let w = descendants(master);
+        (w.len() == 2 && w.iter().all(|p| !workers.contains(p))).then_some(w)
+    });
+    wait_gone(&workers, secs(10)).unwrap();
+    let w = worker_of(&curl(&curl_bin, &sock, "http://x/n"));
+    assert!(fresh.contains(&w), "answered by {w}, not one of {fresh:?}");
+
+    // Graceful quit: everything exits, the socket file is removed.
+    assert!(kill(master, libc::SIGQUIT));
+    let mut all_now = fresh.clone();
+    all_now.push(master);
+    wait_gone(&all_now, secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    assert!(!sock.exists(), "nginx left its socket file");
+    let err = read_opt(&t.join("err.log")).unwrap_or_default();
+    assert!(!["[alert]", "[emerg]", "[crit]"].iter().any(|l| err.contains(l)), "err.log: {err}");
+}
