@@ -27,6 +27,7 @@ use crate::types::{Pid, RemoteFd};
 
 pub mod chardev;
 pub mod deleted;
+pub mod locks;
 pub mod pipe;
 pub mod regular;
 pub mod sys;
@@ -297,6 +298,7 @@ mod tests {
 /// whose state names the process's own descriptor numbers (an epoll set
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
+    locks::after_fd_table(fds, files)?;
     let _ = (fds, files);
     Ok(())
 }
