@@ -146,6 +146,8 @@ struct FdFacts {
     ino: u64,
     /// O_ACCMODE bits, or None for O_PATH.
     acc: Option<u32>,
+    /// Target of /proc/PID/fd/N, for messages.
+    link: String,
 }
 
 /// Is one of the process's threads about to re-issue a blocking lock call
@@ -181,7 +183,8 @@ pub fn dump(pid: Pid, fds: &[(RemoteFd, OwnedFd)], p: &ProcessImage, all: &[Pid]
         let st = nix::sys::stat::fstat(ours.as_raw_fd()).with_context(|| format!("{pid} {rfd}: fstat"))?;
         let info = super::read_fdinfo(pid, *rfd)?;
         let acc = (info.flags & libc::O_PATH as u32 == 0).then_some(info.flags & libc::O_ACCMODE as u32);
-        facts.push(FdFacts { fd: e.fd, file: e.file, dev: st.st_dev, ino: st.st_ino, acc });
+        let link = fs::read_link(format!("/proc/{}/fd/{}", pid.0, rfd.0)).map(|l| l.display().to_string()).unwrap_or_default();
+        facts.push(FdFacts { fd: e.fd, file: e.file, dev: st.st_dev, ino: st.st_ino, acc, link });
     }
     let mut out = Vec::new();
 
@@ -197,7 +200,7 @@ pub fn dump(pid: Pid, fds: &[(RemoteFd, OwnedFd)], p: &ProcessImage, all: &[Pid]
                 "FLOCK" => FileLockKind::Flock,
                 "OFDLCK" => FileLockKind::Ofd,
                 "POSIX" => continue, // from /proc/locks below
-                other => bail!("{pid} fd {} ({}): {other} locks (leases, delegations) are not supported yet", f.fd, l.describe()),
+                other => bail!("{pid} fd {} ({}): {other} locks (leases, delegations) are not supported yet ({})", f.fd, f.link, l.describe()),
             };
             if kind == FileLockKind::Flock {
                 desc_locks.insert((f.dev, f.ino, l.write, true));
@@ -258,8 +261,9 @@ pub fn dump(pid: Pid, fds: &[(RemoteFd, OwnedFd)], p: &ProcessImage, all: &[Pid]
                 };
                 if mapped.contains(&key) || exe == Some(key) {
                     bail!(
-                        "{pid} fd {}: holds a {} on a file it also maps (or runs); POSIX locks on mapped files are not supported yet",
+                        "{pid} fd {} ({}): holds a {} on a file it also maps (or runs); POSIX locks on mapped files are not supported yet",
                         f.fd,
+                        f.link,
                         l.describe()
                     );
                 }
