@@ -70,23 +70,35 @@ fn locks_held_again_after_restore() {
 
 #[test]
 fn blocked_in_setlkw_waits_again() {
+    blocked_waits_again("wait", libc::SYS_fcntl);
+}
+
+#[test]
+fn blocked_in_flock_waits_again() {
+    blocked_waits_again("fwait", libc::SYS_flock);
+}
+
+/// The holder and, as its child, a waiter blocked in F_SETLKW / flock():
+/// after restore the waiter still waits, and gets the lock when the holder
+/// lets go.
+fn blocked_waits_again(mode: &str, nr: i64) {
     let _l = lock();
-    let bin = need!(fixture("locks_hold"), "blocked_in_setlkw_waits_again", "gcc not found");
-    let t = TempDir::new("locks_wait");
+    let bin = need!(fixture("locks_hold"), mode, "gcc not found");
+    let t = TempDir::new(&format!("locks_{mode}"));
     let r = Reaper::new();
     let d = t.sub("st");
-    let pid = spawn(&r, Command::new(&bin).arg(&d).arg("wait"), &t.join("log"));
+    let pid = spawn(&r, Command::new(&bin).arg(&d).arg(mode), &t.join("log"));
     let ready = wait_ready(&d, pid, secs(30));
     let child: i32 = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
     r.add(child);
-    wait_in_syscall(child, child, &[libc::SYS_fcntl], secs(30));
+    wait_in_syscall(child, child, &[nr], secs(30));
     let locks = std::fs::read_to_string("/proc/locks").unwrap();
     assert!(locks.lines().any(|l| l.contains("->") && l.contains(&format!(" {child} "))), "child not a waiter:\n{locks}");
     let img = t.sub("img");
     dump_kill(&[pid], &img, &[]);
     restore_ok(&img, &r, &[pid, child]);
     // Still waiting after restore (the call was re-issued), not given the lock.
-    wait_in_syscall(child, child, &[libc::SYS_fcntl], secs(30));
+    wait_in_syscall(child, child, &[nr], secs(30));
     std::thread::sleep(secs(1) / 2);
     assert!(!d.join("got").exists(), "the waiter got the lock while the holder still had it");
     let res = signal_and_result(&d, pid, libc::SIGUSR1, "result", secs(30));
