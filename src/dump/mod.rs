@@ -111,6 +111,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
         let taken = par.take_fds(&fds).with_context(|| format!("{pid}: taking descriptors"))?;
         let pairs: Vec<_> = fds.into_iter().zip(taken).collect();
         p.fds = fctx.dump_fds(pid, &pairs)?;
+        p.file_locks = kinds::locks::dump(pid, &pairs, &p, &seized.pids)?;
         drop(pairs);
 
         // Memory.

@@ -278,6 +278,7 @@ fn read_process_inner(pid: Pid) -> Result<ProcessImage> {
         children: read_children(pid)?,
         posix_timers: Vec::new(),
         stopped: false,
+        file_locks: Vec::new(),
     })
 }
 

@@ -82,6 +82,10 @@ pub struct ProcessImage {
     /// Stopped by a job-control signal (SIGSTOP, SIGTSTP, …) at dump time.
     #[serde(default)]
     pub stopped: bool,
+    /// File locks (flock, POSIX record, OFD) held at dump time, restored
+    /// through the process's own descriptors (`kinds/locks.rs`).
+    #[serde(default)]
+    pub file_locks: Vec<FileLock>,
 }
 
 /// One POSIX timer, armed or not.
@@ -376,6 +380,34 @@ pub fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
     let b = s.as_bytes();
     anyhow::ensure!(b.len() % 2 == 0, "hex string of odd length {}", b.len());
     b.chunks(2).map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?)).collect()
+}
+
+/// One file lock a process held (see `kinds/locks.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileLock {
+    pub kind: FileLockKind,
+    /// A write (exclusive) lock, else a read (shared) one.
+    pub write: bool,
+    /// First byte; always 0 for flock.
+    pub start: u64,
+    /// Last byte, inclusive; `None`: to the end of the file (and beyond).
+    pub end: Option<u64>,
+    /// The process's descriptor it is taken again through.
+    pub fd: i32,
+    /// The locked file (st_dev, st_ino), for messages and checks.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileLockKind {
+    /// flock(2): belongs to the open file description.
+    Flock,
+    /// fcntl F_SETLK record lock: belongs to the process.
+    Posix,
+    /// fcntl F_OFD_SETLK: belongs to the open file description.
+    Ofd,
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
 pub mod inotify;
+pub mod locks;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -318,5 +319,6 @@ mod tests {
 /// whose state names the process's own descriptor numbers (an epoll set
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
+    locks::after_fd_table(fds, files)?;
     epoll::add_watches(fds, files)
 }

@@ -129,6 +129,7 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &PageStoreReader, shell_job:
     };
 
     let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
+    crate::kinds::locks::prepare(plan.procs.values());
     for (id, fd) in files {
         let n = pool.adopt(fd)?;
         pool.files.insert(id, n);
