@@ -126,6 +126,7 @@ fn proc_image(pid: i32, ppid: i32) -> ProcessImage {
         children: vec![],
         posix_timers: Vec::new(),
         stopped: false,
+        file_locks: Vec::new(),
     }
 }
 

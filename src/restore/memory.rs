@@ -52,13 +52,26 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     }
 
     // 1. Unmap everything but the control area, the kernel's special
-    //    mappings (moved below) and [vsyscall] (fixed, cannot be unmapped).
+    //    mappings (moved below) and [vsyscall] (fixed, cannot be unmapped):
+    //    one munmap per run of neighbouring mappings, not one per mapping
+    //    (each remote call is a ptrace round trip).
+    let keep = |v: &CurVma| v.start >= pool.ctl && v.end <= pool.ctl + CTL_LEN || is_special(&v.name) || v.name == "[vsyscall]";
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut open: Option<(u64, u64)> = None;
     for v in &cur {
-        if v.start >= pool.ctl && v.end <= pool.ctl + CTL_LEN || is_special(&v.name) || v.name == "[vsyscall]" {
-            continue;
+        if keep(v) {
+            runs.extend(open.take());
+        } else {
+            open = Some(match open {
+                Some((s, _)) => (s, v.end),
+                None => (v.start, v.end),
+            });
         }
-        r.call(libc::SYS_munmap, [v.start, v.end - v.start, 0, 0, 0, 0])
-            .with_context(|| format!("pid {pid}: unmapping {:#x}-{:#x} {}", v.start, v.end, v.name))?;
+    }
+    runs.extend(open);
+    for (s, e) in runs {
+        r.call(libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])
+            .with_context(|| format!("pid {pid}: unmapping {s:#x}-{e:#x}"))?;
     }
 
     // 2. vDSO and vvar: same kernel, same layout; move each to its saved

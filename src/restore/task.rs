@@ -73,9 +73,15 @@ pub fn create_threads(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<V
 
 /// Signal handlers and interval timers (process-wide).
 pub fn process_signals(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()> {
+    // The process is a fork of snap: only dispositions that differ from
+    // snap's own need a (slow, remote) rt_sigaction.
+    let inherited = crate::sys::process::own_sigactions();
     for (i, a) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;
         if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        if inherited.get(i) == Some(&[a.handler, a.flags, a.restorer, a.mask]) {
             continue;
         }
         let b: Vec<u8> = [a.handler, a.flags, a.restorer, a.mask].iter().flat_map(|x| x.to_ne_bytes()).collect();

@@ -62,3 +62,21 @@ pub fn close_from(fd: RawFd) {
     // will not use again.
     unsafe { libc::syscall(libc::SYS_close_range, fd as libc::c_uint, libc::c_uint::MAX, 0) };
 }
+
+/// This process's disposition of every signal 1..=64 in the kernel's
+/// `struct sigaction` layout (handler, flags, restorer, mask), as a forked
+/// copy inherits it.
+pub fn own_sigactions() -> Vec<[u64; 4]> {
+    (1..=64u64)
+        .map(|sig| {
+            let mut a = [0u64; 4];
+            // SAFETY: rt_sigaction with a NULL new action only writes the
+            // old one into `a`, which has the kernel's 32-byte layout.
+            let r = unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<u8>(), a.as_mut_ptr(), 8) };
+            if r < 0 {
+                a = [u64::MAX; 4]; // never equal to a saved disposition
+            }
+            a
+        })
+        .collect()
+}
