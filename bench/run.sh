@@ -58,7 +58,8 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 spawn() { # pidfile cmd...
     local pf=$1; shift
     rm -f "$pf"
-    ( setsid "$@" </dev/null >/dev/null 2>&1 & echo $! >"$pf"; wait ) 2>/dev/null &
+    # The workload must not inherit fd 9 (our lock): it would hold the lock too.
+    ( setsid "$@" </dev/null >/dev/null 2>&1 9>&- & echo $! >"$pf"; wait ) 2>/dev/null &
     while [ ! -s "$pf" ]; do sleep 0.001; done
     PID=$(cat "$pf")
     PIDS+=("$PID")

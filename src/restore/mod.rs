@@ -205,6 +205,7 @@ impl Drop for NsGuard {
 pub fn run(a: &RestoreArgs) -> Result<i32> {
     let t0 = Instant::now();
     // 1. Load and validate.
+    crate::images::dir::timing("restore: start");
     let img = ImageReader::open(&a.dir)?;
     let plan = load(&img)?;
     let store = img.pages()?;
@@ -212,6 +213,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
     if !a.pidns {
         wait_pids_free(&plan)?;
     }
+    crate::images::dir::timing("restore: image loaded, PIDs free");
     // 3. Pool.
     let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
     // 4. Fork the trees.
@@ -252,12 +254,14 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
             tree::spawn(&plan, &pool, r)?;
         }
     }
+    crate::images::dir::timing("restore: trees forked");
     pool.close_ready_writer();
     let ready = wait_ready(&pool, live.len());
     if let Some(m) = middle {
         let _ = waitpid(nix::unistd::Pid::from_raw(m), None);
     }
     ready?;
+    crate::images::dir::timing("restore: all ready");
     // Saved PID -> PID as this host sees it (for ptrace and /proc).
     let host: BTreeMap<i32, i32> = match ns_init.0 {
         Some(init) => host_pids(init, &live)?,
@@ -294,7 +298,9 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
             let p = &plan.procs[&pid];
             let h = host[&pid];
             let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
+            crate::images::dir::timing("restore: seized, groups set");
             memory::replace(&mut r, p, &pool, &img, &store)?;
+            crate::images::dir::timing("restore: memory replaced");
             let tids = task::create_threads(&mut r, p, &pool)?;
             attached.extend(tids.iter().skip(1));
             task::process_signals(&mut r, p, &pool)?;
@@ -304,6 +310,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
                 task::thread_state(&mut rt, th, &pool)?;
             }
             task::pending(&mut r, p, &pool)?;
+            crate::images::dir::timing("restore: threads, signals, timers");
             for &t in &tids {
                 let mut rt = r.on(t);
                 task::creds(&mut rt, &p.creds, p.no_new_privs, &pool)
@@ -326,6 +333,7 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
         detach_all(&attached);
         return Err(e);
     }
+    crate::images::dir::timing("restore: credentials, registers");
     // 7. Release everything together.
     created.armed = false;
     // Processes that were stopped by job control stop again: a SIGSTOP
