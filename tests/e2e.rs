@@ -117,10 +117,13 @@ fn sleep_restored_and_terminates() {
     let pid = spawn(&r, Command::new("sleep").arg("1000"), &t.join("log"));
     wait_in_syscall(pid, pid, &[35, 230], secs(10));
     let cmd = cmdline(pid);
+    let cpus = status_field(pid, "Cpus_allowed_list");
     let img = t.sub("img");
     dump_kill(&[pid], &img, &[]);
     restore_ok(&img, &r, &[pid]);
     assert_eq!(cmdline(pid), cmd, "cmdline differs");
+    // snap pins itself to one CPU while it restores; the process must not keep that.
+    assert_eq!(status_field(pid, "Cpus_allowed_list"), cpus, "CPU affinity differs");
     assert_eq!(fs::read_link(format!("/proc/{pid}/exe")).ok(), Some(fs::canonicalize(which("sleep")).unwrap()));
     // Still asleep (not exited, not spinning): blocked in nanosleep again.
     wait_in_syscall(pid, pid, &[35, 230], secs(10));

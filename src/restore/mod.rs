@@ -202,8 +202,40 @@ impl Drop for NsGuard {
     }
 }
 
+/// snap's CPU affinity before restore pinned it to one CPU.
+pub static ORIGINAL_CPUS: std::sync::OnceLock<nix::sched::CpuSet> = std::sync::OnceLock::new();
+
+/// Pin snap (and so every process it forks) to the CPU it runs on: each
+/// remote system call is a ptrace round trip between snap and the restored
+/// process, and a wake-up on another, idle vCPU can cost milliseconds on a
+/// VM. Measured here: `sleep` restores in 6–7 ms pinned, 6–90 ms unpinned.
+/// The restored threads get snap's original affinity back before they run.
+fn pin_to_this_cpu() {
+    use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
+    let me = nix::unistd::Pid::from_raw(0);
+    let (Ok(orig), Ok(cpu)) = (sched_getaffinity(me), sched_getcpu()) else { return };
+    let mut one = CpuSet::new();
+    if one.set(cpu).is_ok() && sched_setaffinity(me, &one).is_ok() {
+        let _ = ORIGINAL_CPUS.set(orig);
+    }
+}
+
+/// Give a thread (or ourselves, tid 0) snap's affinity from before pinning.
+pub fn unpin(tid: i32) {
+    if let Some(orig) = ORIGINAL_CPUS.get() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), orig);
+    }
+}
+
 pub fn run(a: &RestoreArgs) -> Result<i32> {
     let t0 = Instant::now();
+    pin_to_this_cpu();
+    let r = restore(a, t0);
+    unpin(0);
+    r
+}
+
+fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     // 1. Load and validate.
     crate::images::dir::timing("restore: start");
     let img = ImageReader::open(&a.dir)?;
@@ -336,6 +368,9 @@ pub fn run(a: &RestoreArgs) -> Result<i32> {
     crate::images::dir::timing("restore: credentials, registers");
     // 7. Release everything together.
     created.armed = false;
+    for t in &attached {
+        unpin(t.0);
+    }
     // Processes that were stopped by job control stop again: a SIGSTOP
     // queued now is taken before they run any of their own code.
     for p in live.iter().map(|p| &plan.procs[p]).filter(|p| p.stopped) {

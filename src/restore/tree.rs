@@ -171,6 +171,7 @@ pub fn ns_init(plan: &Plan, pool: &Pool) -> ! {
             Err(e) => fail(e),
         }
     }
+    super::unpin(0);
     // Hold none of the restored tree's descriptors (a pipe end held here
     // would keep its reader from ever seeing end-of-file).
     crate::sys::process::close_from(pool.base);
