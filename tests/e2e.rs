@@ -750,3 +750,25 @@ fn stopped_process_comes_back_stopped() {
     wait_in_syscall(pid, pid, &[35, 230], secs(10));
     assert_eq!(proc_state(pid), Some('S'));
 }
+
+// ------------------------------------------------------------------ memfd
+
+/// A sealed memfd that is also mapped shared comes back as one memfd: same
+/// name, seals and content, and the descriptor and the mapping still share
+/// memory.
+#[test]
+fn memfd_fd_and_mapping_stay_one_object() {
+    let _l = lock();
+    let py = need!(python3(), "memfd_fd_and_mapping_stay_one_object", "no python3");
+    let t = TempDir::new("memfd");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&py).arg(fixtures_src().join("py_memfd.py")).arg(&d), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    assert_ok(&signal_and_result(&d, pid, libc::SIGUSR1, "result", secs(30)), "memfd before");
+    let _ = fs::remove_file(d.join("result"));
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, &r, &[pid]);
+    assert_ok(&signal_and_result(&d, pid, libc::SIGUSR1, "result", secs(30)), "memfd after restore");
+}

@@ -233,6 +233,9 @@ pub enum FileKind {
     Regular { file: FileId, pos: u64 },
     /// Unlinked but open file: its content is stored in `blob`.
     Deleted { path: String, pos: u64, mode: u32, blob: String },
+    /// A memfd: its name, content (in `blob`) and seals (u32::MAX: created
+    /// without MFD_ALLOW_SEALING). One memfd per `ino`.
+    Memfd { name: String, ino: u64, pos: u64, seals: u32, blob: String },
     /// Character device (/dev/null, /dev/zero, /dev/urandom, ...).
     CharDev { path: String, rdev: u64 },
     /// One end of a pipe. Both ends of a pipe share `pipe_id`; the bytes

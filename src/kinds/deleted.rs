@@ -24,9 +24,10 @@ fn dump(p: &Probe, sh: &mut DumpShared) -> Option<Result<FileKind>> {
     Some(dump_inner(p, sh).with_context(|| format!("{}: saving the deleted file's content", p.what())))
 }
 
-fn dump_inner(p: &Probe, sh: &mut DumpShared) -> Result<FileKind> {
-    // Our copy may be write-only or O_PATH: read through a fresh read-only
-    // description of the same inode, which leaves the target's position alone.
+/// The whole content of the file behind a descriptor, read through a fresh
+/// read-only description of the same inode (our copy may be write-only or
+/// O_PATH, and its position is the target's).
+pub(super) fn read_content(p: &Probe) -> Result<Vec<u8>> {
     let ours = format!("/proc/self/fd/{}", p.ours.as_raw_fd());
     let f = File::open(&ours).with_context(|| format!("reopening {ours} read-only"))?;
     let size = p.st.st_size as usize;
@@ -40,6 +41,11 @@ fn dump_inner(p: &Probe, sh: &mut DumpShared) -> Result<FileKind> {
         }
         off += n;
     }
+    Ok(data)
+}
+
+fn dump_inner(p: &Probe, sh: &mut DumpShared) -> Result<FileKind> {
+    let data = read_content(p)?;
     // The blob is named after the description's id, which DumpCtx assigns
     // next; use the inode so two descriptions of one file share the blob.
     let blob = format!("deleted-{}-{}.data", p.st.st_dev, p.st.st_ino);

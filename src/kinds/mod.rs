@@ -31,6 +31,7 @@ pub mod epoll;
 pub mod eventfd;
 pub mod inotify;
 pub mod locks;
+pub mod memfd;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -81,6 +82,7 @@ pub struct Kind {
 
 /// Kinds in the order they are tried (deleted before regular).
 pub const REGISTRY: &[Kind] = &[
+    memfd::KIND,
     deleted::KIND,
     regular::KIND,
     chardev::KIND,
@@ -254,6 +256,8 @@ pub struct RestoreCtx<'a> {
     pub deleted: HashMap<String, deleted::Held>,
     /// Unix socketpair ends waiting for their description, by socket inode.
     pub unix: unix::HeldMap,
+    /// memfds already created, by blob name (one per dumped inode).
+    pub memfds: HashMap<String, OwnedFd>,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -263,7 +267,7 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new() };
+    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new() };
     let mut out = HashMap::with_capacity(files.files.len());
     for of in &files.files {
         let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
@@ -280,6 +284,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     match &of.kind {
         FileKind::Regular { .. } => regular::restore(of, ctx),
         FileKind::Deleted { .. } => deleted::restore(of, ctx),
+        FileKind::Memfd { .. } => memfd::restore(of, ctx),
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
         FileKind::Eventfd { .. } => eventfd::restore(of, ctx),

@@ -130,6 +130,7 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &PageStoreReader, shell_job:
 
     let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
     crate::kinds::locks::prepare(plan.procs.values());
+    let memfds = crate::kinds::memfd::by_inode(&plan.files, &files);
     for (id, fd) in files {
         let n = pool.adopt(fd)?;
         pool.files.insert(id, n);
@@ -173,6 +174,20 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &PageStoreReader, shell_job:
         }
     }
     for (id, size) in shm_size {
+        if let Some(n) = memfds.get(&id).and_then(|f| pool.files.get(f)) {
+            // A mapping of a memfd the process also holds: the same memfd
+            // (restored whole from its content), opened read-write here.
+            let via = format!("/proc/self/fd/{n}");
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&via)
+                .or_else(|_| std::fs::File::open(&via))
+                .with_context(|| format!("reopening memfd {via} for shared memory object {id}"))?;
+            let n = pool.adopt(f.into())?;
+            pool.shmem.insert(id, n);
+            continue;
+        }
         let fd = nix::sys::memfd::memfd_create(
             &std::ffi::CString::new(format!("snap-shmem-{id}")).expect("no NUL"),
             nix::sys::memfd::MemFdCreateFlag::empty(),
