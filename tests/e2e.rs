@@ -772,3 +772,27 @@ fn memfd_fd_and_mapping_stay_one_object() {
     restore_ok(&img, &r, &[pid]);
     assert_ok(&signal_and_result(&d, pid, libc::SIGUSR1, "result", secs(30)), "memfd after restore");
 }
+
+/// A pidfd of a child in the tree comes back referring to the restored
+/// child: a signal sent through it reaches that child, and it becomes
+/// readable when the child dies.
+#[test]
+fn pidfd_of_a_child_follows_the_child() {
+    let _l = lock();
+    let py = need!(python3(), "pidfd_of_a_child_follows_the_child", "no python3");
+    let t = TempDir::new("pidfd");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&py).arg(fixtures_src().join("py_pidfd.py")).arg(&d), &t.join("log"));
+    let ready = wait_ready(&d, pid, secs(30));
+    let child: i32 = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, &r, &[pid, child]);
+    let link = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+        .any(|l| l.to_string_lossy().contains("pidfd"));
+    assert!(link, "no pidfd among the restored descriptors");
+    assert_ok(&signal_and_result(&d, pid, libc::SIGUSR1, "result", secs(30)), "pidfd after restore");
+}

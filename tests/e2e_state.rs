@@ -380,8 +380,8 @@ fn refuses_seccomp_and_leaves_it_running() {
 }
 
 #[test]
-fn refuses_pidfd_and_leaves_it_running() {
-    refused("refuse_pidfd", "pidfd", &|_, fd| vec![format!("fd {fd}"), "pidfd".into()]);
+fn refuses_userfaultfd_and_leaves_it_running() {
+    refused("refuse_uffd", "uffd", &|_, fd| vec![format!("fd {fd}"), "userfaultfd".into()]);
 }
 
 // ------------------------------------------------------------------ 7 --shell-job

@@ -60,6 +60,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
     let mut seized = seize::Seized::trees(&roots)?;
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
     let mut fctx = DumpCtx::new(a.shell_job);
+    fctx.set_dumped(&seized.pids);
     let mut shmem: ShmemPages = BTreeMap::new();
     let mut total_pages: u64 = 0;
     let mut xsave_mask = 0u64;

@@ -236,6 +236,8 @@ pub enum FileKind {
     /// A memfd: its name, content (in `blob`) and seals (u32::MAX: created
     /// without MFD_ALLOW_SEALING). One memfd per `ino`.
     Memfd { name: String, ino: u64, pos: u64, seals: u32, blob: String },
+    /// A pidfd of process `pid` of the dump (opened by its holder at restore).
+    Pidfd { pid: i32 },
     /// Character device (/dev/null, /dev/zero, /dev/urandom, ...).
     CharDev { path: String, rdev: u64 },
     /// One end of a pipe. Both ends of a pipe share `pipe_id`; the bytes

@@ -32,6 +32,7 @@ pub mod eventfd;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
+pub mod pidfd;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -70,6 +71,8 @@ pub struct DumpShared {
     pub blobs: Vec<(String, Vec<u8>)>,
     /// Names of blobs already produced (a pipe's data is stored once).
     pub saved: HashSet<String>,
+    /// Every process of the dump (a pidfd must refer to one of them).
+    pub dumped: Vec<Pid>,
 }
 
 /// One kind of descriptor, dump side.
@@ -88,6 +91,7 @@ pub const REGISTRY: &[Kind] = &[
     chardev::KIND,
     pipe::KIND,
     eventfd::KIND,
+    pidfd::KIND,
     timerfd::KIND,
     signalfd::KIND,
     epoll::KIND,
@@ -144,9 +148,14 @@ impl DumpCtx {
     pub fn new(shell_job: bool) -> Self {
         DumpCtx {
             files: Vec::new(),
-            shared: DumpShared { shell_job, blobs: Vec::new(), saved: HashSet::new() },
+            shared: DumpShared { shell_job, blobs: Vec::new(), saved: HashSet::new(), dumped: Vec::new() },
             index: HashMap::new(),
         }
+    }
+
+    /// The processes of the dump (for descriptors that refer to processes).
+    pub fn set_dumped(&mut self, pids: &[Pid]) {
+        self.shared.dumped = pids.to_vec();
     }
 
     /// Describe every descriptor of one process. `fds`: the fds as received
@@ -285,6 +294,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Regular { .. } => regular::restore(of, ctx),
         FileKind::Deleted { .. } => deleted::restore(of, ctx),
         FileKind::Memfd { .. } => memfd::restore(of, ctx),
+        FileKind::Pidfd { .. } => pidfd::restore(of, ctx),
         FileKind::CharDev { .. } | FileKind::Tty { .. } => chardev::restore(of, ctx),
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => pipe::restore(of, ctx),
         FileKind::Eventfd { .. } => eventfd::restore(of, ctx),

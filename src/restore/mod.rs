@@ -331,6 +331,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
             let h = host[&pid];
             let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
             crate::images::dir::timing("restore: seized, groups set");
+            task::pidfds(&mut r, p, &plan.files)?;
             memory::replace(&mut r, p, &pool, &img, &store)?;
             crate::images::dir::timing("restore: memory replaced");
             let tids = task::create_threads(&mut r, p, &pool)?;

@@ -257,3 +257,24 @@ pub fn posix_timers(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()>
     }
     Ok(())
 }
+
+/// pidfds: each holder opens its own, now that every process exists
+/// (the placeholder at the descriptor's number is replaced with dup3).
+/// Runs while the process is still snap's copy, in the process's pid
+/// namespace, so the saved PID is the right one.
+pub fn pidfds(r: &mut Remote, p: &ProcessImage, files: &crate::images::records::FilesImage) -> Result<()> {
+    use crate::images::records::FileKind;
+    for f in &p.fds {
+        let Some(of) = files.files.iter().find(|o| o.id == f.file) else { continue };
+        let FileKind::Pidfd { pid } = of.kind else { continue };
+        let nonblock = if of.flags & libc::O_NONBLOCK as u32 != 0 { libc::O_NONBLOCK as u64 } else { 0 };
+        let k = r
+            .call(libc::SYS_pidfd_open, [pid as u64, nonblock, 0, 0, 0, 0])
+            .with_context(|| format!("pid {} fd {}: pidfd_open({pid})", p.pid, f.fd))?;
+        let cloexec = if f.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        r.call(libc::SYS_dup3, [k, f.fd as u64, cloexec, 0, 0, 0])
+            .with_context(|| format!("pid {} fd {}: putting the pidfd of {pid} in place", p.pid, f.fd))?;
+        r.call(libc::SYS_close, [k, 0, 0, 0, 0, 0])?;
+    }
+    Ok(())
+}
