@@ -18,13 +18,19 @@ use crate::types::{Pid, Tid};
 
 /// Fields of /proc/PID/stat after the `(comm)` part, indexed by their
 /// number in proc(5) (field 3 is `state`).
-struct Stat {
-    comm: String,
+/// /proc/PID/stat, split around the comm (which may hold spaces and ')').
+pub struct Stat {
+    pub comm: String,
     rest: Vec<String>,
 }
 
 impl Stat {
-    fn parse(text: &str) -> Result<Stat> {
+    /// /proc/PID/stat of `pid` (None if it is gone or unreadable).
+    pub fn read(pid: i32) -> Option<Stat> {
+        Stat::parse(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?).ok()
+    }
+
+    pub fn parse(text: &str) -> Result<Stat> {
         // comm may contain spaces and parentheses: it ends at the LAST ')'.
         let open = text.find('(').ok_or_else(|| anyhow!("no '(' in stat line"))?;
         let close = text.rfind(')').ok_or_else(|| anyhow!("no ')' in stat line"))?;
@@ -34,14 +40,15 @@ impl Stat {
         Ok(Stat { comm, rest })
     }
 
-    fn field_str(&self, n: usize) -> Result<&str> {
+    /// Field `n` as numbered in proc(5) (3 is the state).
+    pub fn field_str(&self, n: usize) -> Result<&str> {
         self.rest
             .get(n.checked_sub(3).ok_or_else(|| anyhow!("stat field {n} is not after comm"))?)
             .map(String::as_str)
             .ok_or_else(|| anyhow!("stat has no field {n}"))
     }
 
-    fn field<T: std::str::FromStr>(&self, n: usize) -> Result<T>
+    pub fn field<T: std::str::FromStr>(&self, n: usize) -> Result<T>
     where
         T::Err: std::error::Error + Send + Sync + 'static,
     {

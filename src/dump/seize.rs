@@ -41,14 +41,13 @@ fn children_of(pid: Pid) -> Result<Vec<Pid>> {
 }
 
 fn is_zombie(pid: Pid) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{}/stat", pid.0)) else { return false };
-    s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()) == Some("Z")
+    super::proc::Stat::read(pid.0).is_some_and(|s| s.field_str(3).ok() == Some("Z"))
 }
 
 /// Attach to one thread and bring it to a ptrace stop. A signal that was
 /// about to be delivered is delivered as it would have been. Returns true
 /// when the thread was in a job-control stop (SIGSTOP and the like).
-fn seize_one(tid: Tid) -> Result<bool> {
+pub fn seize_one(tid: Tid) -> Result<bool> {
     ptrace::seize(tid.nix(), ptrace::Options::PTRACE_O_TRACESYSGOOD)
         .with_context(|| format!("{tid}: PTRACE_SEIZE"))?;
     ptrace::interrupt(tid.nix()).with_context(|| format!("{tid}: PTRACE_INTERRUPT"))?;

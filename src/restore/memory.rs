@@ -6,6 +6,7 @@
 
 use super::pool::{Pool, CTL_LEN};
 use super::remote::Remote;
+use crate::dump::mm::parse_maps_line;
 use crate::images::records::{ProcessImage, VmaKind};
 use crate::images::{ImageReader, PageStoreReader};
 use crate::types::PAGE_SIZE;
@@ -20,20 +21,13 @@ struct CurVma {
 fn current_maps(pid: i32) -> Result<Vec<CurVma>> {
     let path = format!("/proc/{pid}/maps");
     let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let mut v = Vec::new();
-    for l in s.lines() {
-        let mut it = l.split_whitespace();
-        let r = it.next().unwrap_or("");
-        let name = it.nth(4).unwrap_or("").to_string();
-        if let Some((a, b)) = r.split_once('-') {
-            v.push(CurVma {
-                start: u64::from_str_radix(a, 16).with_context(|| format!("bad line in {path}: {l}"))?,
-                end: u64::from_str_radix(b, 16).with_context(|| format!("bad line in {path}: {l}"))?,
-                name,
-            });
-        }
-    }
-    Ok(v)
+    s.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let m = parse_maps_line(l).with_context(|| path.clone())?;
+            Ok(CurVma { start: m.start, end: m.end, name: m.path })
+        })
+        .collect()
 }
 
 fn is_special(name: &str) -> bool {

@@ -25,6 +25,7 @@ pub mod tree;
 
 use crate::cli::RestoreArgs;
 use crate::images::records::{FilesImage, ProcState, ProcessImage};
+use crate::dump::proc::Stat;
 use crate::images::ImageReader;
 use crate::types::Tid;
 use anyhow::{bail, Context, Result};
@@ -48,9 +49,7 @@ struct Created {
 }
 
 fn start_ticks(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime); fields after the comm start at field 3.
-    s[s.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+    Stat::read(pid)?.field(22).ok() // starttime
 }
 
 fn now_ticks() -> u64 {
@@ -102,15 +101,12 @@ fn load(img: &ImageReader) -> Result<Plan> {
 }
 
 fn current_pgid(pid: i32) -> Option<i32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..].split_whitespace().nth(2)?.parse().ok()
+    Stat::read(pid)?.field(5).ok()
 }
 
 fn pid_owner(pid: i32) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let comm = s.find('(').zip(s.rfind(')')).map(|(a, b)| s[a + 1..b].to_string()).unwrap_or_default();
-    let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()).unwrap_or("?").to_string();
-    Some(format!("{comm}, state {state}"))
+    let s = Stat::read(pid)?;
+    Some(format!("{}, state {}", s.comm, s.field_str(3).unwrap_or("?")))
 }
 
 /// A killed tree's PIDs stay taken until its zombies are reaped.

@@ -88,13 +88,9 @@ fn pick_control_area(plan: &Plan) -> Result<u64> {
         busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
     }
     let maps = std::fs::read_to_string("/proc/self/maps").context("reading /proc/self/maps")?;
-    for l in maps.lines() {
-        let r = l.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = r.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                busy.push((a, b));
-            }
-        }
+    for l in maps.lines().filter(|l| !l.trim().is_empty()) {
+        let m = crate::dump::mm::parse_maps_line(l).context("/proc/self/maps")?;
+        busy.push((m.start, m.end));
     }
     // Try 16 MiB slots from 1 TiB upwards: far from typical heaps and libraries.
     let mut cand: u64 = 1 << 40;

@@ -8,30 +8,16 @@ use crate::images::records::{from_hex, Creds, ProcessImage, SigInfo, ThreadImage
 use crate::sys::ptrace as pt;
 use crate::types::Tid;
 use anyhow::{bail, Context, Result};
-use nix::sys::ptrace;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 /// Seize a thread of a restored process and bring it to a ptrace stop.
 pub fn seize(tid: Tid) -> Result<()> {
-    ptrace::seize(tid.nix(), ptrace::Options::PTRACE_O_TRACESYSGOOD).with_context(|| format!("{tid}: PTRACE_SEIZE"))?;
-    ptrace::interrupt(tid.nix()).with_context(|| format!("{tid}: PTRACE_INTERRUPT"))?;
-    loop {
-        match waitpid(tid.nix(), Some(WaitPidFlag::__WALL)).with_context(|| format!("{tid}: waitpid"))? {
-            WaitStatus::PtraceEvent(..) => {
-                // Block every signal while we drive the thread: a timer armed
-                // during restore must not be delivered into half-restored
-                // state (it stays pending, with its siginfo, until the saved
-                // mask is put back at the very end).
-                pt::set_sigmask(tid, u64::MAX).with_context(|| format!("{tid}: blocking signals"))?;
-                return Ok(());
-            }
-            WaitStatus::Stopped(_, sig) => {
-                // Nothing of ours sends signals here; pass it on.
-                ptrace::cont(tid.nix(), Some(sig))?;
-            }
-            s => bail!("{tid}: unexpected state {s:?} while seizing a restored thread"),
-        }
-    }
+    crate::dump::seize::seize_one(tid)?;
+    // Block every signal while we drive the thread: a timer armed during
+    // restore must not be delivered into half-restored state (it stays
+    // pending, with its siginfo, until the saved mask is put back at the
+    // very end).
+    pt::set_sigmask(tid, u64::MAX).with_context(|| format!("{tid}: blocking signals"))?;
+    Ok(())
 }
 
 fn host_tids(host: i32) -> Result<Vec<i32>> {
