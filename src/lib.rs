@@ -18,4 +18,5 @@ pub mod parasite;
 pub mod progress;
 pub mod restore;
 pub mod sys;
+pub mod track;
 pub mod types;

@@ -72,7 +72,11 @@ fn inventory(pids: Vec<i32>) -> Inventory {
         pids,
         features: vec!["test".into()],
         memory_bytes: 0,
+        id: "0123456789abcdef0123456789abcdef".into(),
         parent: None,
+        parent_id: None,
+        memory_backend: "full".into(),
+        tracking: None,
     }
 }
 
@@ -127,6 +131,7 @@ fn proc_image(pid: i32, ppid: i32) -> ProcessImage {
         posix_timers: Vec::new(),
         stopped: false,
         file_locks: Vec::new(),
+        start_time: 1,
     }
 }
 
@@ -179,7 +184,7 @@ fn check_roundtrip(compress: bool) {
     let maps = build_image(t.path(), compress);
     let r = ImageReader::open(t.path()).unwrap();
     assert_eq!(r.inventory(), &inventory(vec![100, 101]));
-    let store = r.pages().unwrap();
+    let store = r.own_pages().clone();
     assert_eq!(store.compressed(), compress);
     for (pid, map) in &maps {
         // 16 pages - 2 zero pages listed.
@@ -234,7 +239,7 @@ fn dedup_across_processes() {
     let size = std::fs::metadata(t.path().join("pages.pack")).unwrap().len();
     assert_eq!(size, PAGE_SIZE as u64, "the page is stored once");
     let r = ImageReader::open(t.path()).unwrap();
-    assert_eq!(r.pages().unwrap().len(), 1);
+    assert_eq!(r.own_pages().len(), 1);
     assert_eq!(r.pagemap("pagemap-2.bin").unwrap(), vec![(0x7000, a[0].1)]);
 }
 
@@ -366,7 +371,7 @@ fn read_everything(dir: &Path) -> anyhow::Result<()> {
     for n in names.iter().filter(|n| n.starts_with("pagemap-")) {
         let _ = r.pagemap(n);
     }
-    let _ = store.verify_pages();
+    let _ = r.verify_pack();
     Ok(())
 }
 

@@ -33,6 +33,9 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Internal: holds dirty tracking between two dumps (started by dump).
+    #[command(name = "__track-holder", hide = true)]
+    TrackHolder { socket: PathBuf },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -52,6 +55,16 @@ pub struct DumpArgs {
     /// Compress page packs with zstd.
     #[arg(long)]
     pub compress: bool,
+    /// Keep tracking which pages the processes write, so that a later dump
+    /// with --prev-images-dir of this image reads only those (needs
+    /// --leave-running).
+    #[arg(long)]
+    pub track_mem: bool,
+    /// Incremental dump against this earlier image of the same processes:
+    /// only pages it does not hold are stored, and with tracking armed by
+    /// it (--track-mem) only pages written since are read.
+    #[arg(long, value_name = "DIR")]
+    pub prev_images_dir: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -108,5 +121,6 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Restore(a) => crate::restore::run(&a),
         Cmd::Check { json } => crate::check::run(json).map(|_| 0),
         Cmd::Image { cmd: ImageCmd::Show { dir, json } } => crate::images::show::run(&dir, json).map(|_| 0),
+        Cmd::TrackHolder { socket } => crate::track::holder::serve(&socket).map(|_| 0),
     }
 }

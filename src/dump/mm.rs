@@ -13,6 +13,15 @@ use crate::types::{Pid, PAGE_SIZE};
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE_OR_SHARED: u64 = 1 << 61;
+/// Swap type (bits 0-4 of a swapped entry) of a pte marker: the kernel keeps
+/// the top type for it. A marker (left by uffd write-protection on a page
+/// never touched) holds no content.
+const SWP_PTE_MARKER: u64 = 31;
+
+/// Present, or swapped out for real (not a pte marker).
+fn has_content(e: u64) -> bool {
+    e & PM_PRESENT != 0 || (e & PM_SWAPPED != 0 && e & 0x1f != SWP_PTE_MARKER)
+}
 /// Pagemap entries read per pread: 2 MiB of entries covers 1 GiB of memory.
 const PAGEMAP_CHUNK: usize = 262_144;
 
@@ -189,14 +198,10 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>> {
 /// Which pagemap entries of this VMA hold content that must be saved.
 fn page_filter(vma: &Vma) -> Option<fn(u64) -> bool> {
     match (&vma.kind, vma.shared) {
-        (VmaKind::Anon, _) | (VmaKind::SharedAnon { .. }, _) => {
-            Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0)
-        }
+        (VmaKind::Anon, _) | (VmaKind::SharedAnon { .. }, _) => Some(has_content),
         // Private file mapping: only the copy-on-write copies (anonymous
         // pages, bit 61 clear), present or swapped out.
-        (VmaKind::File { .. }, false) => Some(|e| {
-            (e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0) || e & PM_SWAPPED != 0
-        }),
+        (VmaKind::File { .. }, false) => Some(|e| has_content(e) && (e & PM_PRESENT == 0 || e & PM_FILE_OR_SHARED == 0)),
         _ => None,
     }
 }

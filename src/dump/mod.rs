@@ -18,7 +18,9 @@ pub mod timers;
 
 use crate::cli::DumpArgs;
 use crate::images::records::*;
-use crate::images::{ImageWriter, PageHash};
+use crate::images::{ImageReader, ImageWriter, PageHash};
+use crate::track::{self, TrackSet};
+use std::path::Path;
 use crate::kinds::{self, DumpCtx};
 use crate::parasite::Parasite;
 use crate::progress::Progress;
@@ -31,9 +33,57 @@ use std::time::Instant;
 /// Shared anonymous objects, keyed by shmem id: object offset -> page hash.
 type ShmemPages = BTreeMap<u64, BTreeMap<u64, PageHash>>;
 
+/// `snap dump`: with `--prev-images-dir`, the tracking the parent's dump
+/// armed is taken from its holder; with `--track-mem`, the tracking armed by
+/// this dump is left to a new holder for the next one.
 pub fn run(a: &DumpArgs) -> Result<()> {
+    let held = match &a.prev_images_dir {
+        Some(d) => take_tracking(d),
+        None => None,
+    };
+    let out = run_with(a, held)?;
+    if let Some(set) = out.tracking {
+        if let Err(e) = track::holder::spawn(&set) {
+            eprintln!("snap: warning: dirty tracking not kept ({e:#}); the next incremental dump reads every page");
+        }
+    }
+    if a.json {
+        println!("{}", out.summary);
+    }
+    Ok(())
+}
+
+/// The tracking armed by the dump of image `dir`, if its holder still has
+/// it. Problems only cost speed (every page is read), so they are reported
+/// and the dump goes on.
+fn take_tracking(dir: &Path) -> Option<TrackSet> {
+    let inv: Inventory = std::fs::read(dir.join(crate::images::dir::INVENTORY_NAME))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())?;
+    let t = inv.tracking?;
+    match track::holder::take(&t.generation) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("snap: warning: {e:#}; every page is read");
+            None
+        }
+    }
+}
+
+/// What a dump leaves to its caller.
+pub struct DumpOutcome {
+    /// The `--json` summary.
+    pub summary: serde_json::Value,
+    /// With `--track-mem`: the tracking for the next dump, to be held.
+    pub tracking: Option<TrackSet>,
+}
+
+/// A dump that takes the tracking armed by the parent's dump from the
+/// caller (`held`) and returns the one it arms: for callers that hold it
+/// themselves (`snap run`'s supervisor).
+pub fn run_with(a: &DumpArgs, held: Option<TrackSet>) -> Result<DumpOutcome> {
     let existed = a.dir.exists();
-    let r = dump(a);
+    let r = dump(a, held);
     if r.is_err() {
         // Never leave a half-written image behind: it would only mislead.
         remove_partial(&a.dir, existed);
@@ -51,14 +101,43 @@ fn remove_partial(dir: &std::path::Path, existed: bool) {
     }
 }
 
-fn dump(a: &DumpArgs) -> Result<()> {
+fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
     let t0 = Instant::now();
     let roots: Vec<Pid> = a.tree.iter().map(|&p| Pid(p)).collect();
     if roots.iter().any(|p| p.0 == std::process::id() as i32) {
         bail!("refusing to dump snap itself");
     }
+    // The parent is opened and checked (with its own parents) before the
+    // processes are touched: a broken chain fails here.
+    let parent = match &a.prev_images_dir {
+        Some(d) => Some(ImageReader::open(d).with_context(|| format!("--prev-images-dir {}", d.display()))?),
+        None => None,
+    };
+    if let (Some(h), Some(p)) = (&held, &parent) {
+        if h.generation != p.inventory().id {
+            // Armed by another dump: it says nothing about this parent.
+            held = None;
+        }
+    }
+    let track_backend = match (a.track_mem, a.leave_running) {
+        (true, true) => track::backend(),
+        (true, false) => {
+            eprintln!("snap: warning: --track-mem without --leave-running: the processes end, nothing to track");
+            None
+        }
+        _ => None,
+    };
+    let mut armed = BTreeMap::new();
     let mut seized = seize::Seized::trees(&roots)?;
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
+    let parent_pages = match &parent {
+        Some(p) => Some(p.pages()?),
+        None => None,
+    };
+    if let Some(ps) = &parent_pages {
+        w.pages().know(ps.hashes());
+    }
+    let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_dumped(&seized.pids);
     let mut shmem: ShmemPages = BTreeMap::new();
@@ -92,6 +171,22 @@ fn dump(a: &DumpArgs) -> Result<()> {
         }
         p.shared_pending = threads::shared_pending(tids[0])?;
         p.vmas = mm::read_vmas(pid).with_context(|| format!("{pid}: reading mappings"))?;
+        // Incremental: what the parent holds of this same process, and which
+        // pages tracking says are unchanged since (asked before the parasite
+        // writes anything into the process).
+        let prev = match &parent {
+            Some(r) => parent_process(r, &p)?,
+            None => None,
+        };
+        let mut trk = held.as_mut().and_then(|h| h.procs.remove(&pid)).filter(|t| t.start_time == p.start_time);
+        if prev.as_ref().is_some_and(|(pp, _)| pp.mm.auxv != p.mm.auxv) {
+            // exec'd since: a new address space the old uffd knows nothing of.
+            trk = None;
+        }
+        let unchanged = match (&trk, &prev, &held) {
+            (Some(_), Some(_), Some(h)) => Some(track::unchanged(pid, &h.backend)?),
+            _ => None,
+        };
 
         // Listed before the parasite adds its own transport descriptors.
         let fds = kinds::list_fds(pid)?;
@@ -118,8 +213,19 @@ fn dump(a: &DumpArgs) -> Result<()> {
         // Memory.
         let mut map: Vec<(u64, PageHash)> = Vec::new();
         let mut plan = Vec::new();
+        let mut parent_at = 0;
+        let reused_before = counts.reused;
         for vma in &p.vmas {
-            let ranges = mm::dump_ranges(pid, vma)?;
+            let mut ranges = mm::dump_ranges(pid, vma)?;
+            counts.present += ranges.iter().map(|r| (r.1 / PAGE_SIZE) as u64).sum::<u64>();
+            let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
+            if let (Some(u), Some((_, pmap)), false) = (&unchanged, &prev, shared) {
+                // Shared memory is always read: writes through a file or
+                // another process's mapping pass no page table of this one.
+                let before = map.len();
+                ranges = track::split(&ranges, u, pmap, &mut parent_at, &mut map);
+                counts.reused += (map.len() - before) as u64;
+            }
             if !ranges.is_empty() {
                 plan.push((vma, ranges));
             }
@@ -166,6 +272,16 @@ fn dump(a: &DumpArgs) -> Result<()> {
         }
         prog.finish();
         crate::images::dir::timing("dump: memory read");
+        counts.read += (bytes / PAGE_SIZE) as u64;
+        total_pages += counts.reused - reused_before;
+        if let Some(b) = track_backend {
+            match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take()) {
+                Ok(t) => {
+                    armed.insert(pid, t);
+                }
+                Err(e) => eprintln!("snap: warning: {pid}: dirty tracking not armed ({e:#}); its next dump reads every page"),
+            }
+        }
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         map.sort_by_key(|e| e.0);
         w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;
@@ -181,6 +297,17 @@ fn dump(a: &DumpArgs) -> Result<()> {
     for (name, data) in blobs {
         w.write_bytes(&name, &data)?;
     }
+    let id = new_image_id()?;
+    let backend = match (&parent, &held) {
+        (None, _) => "full",
+        (Some(_), None) => "hash",
+        (Some(_), Some(h)) => h.backend.as_str(),
+    };
+    let tracking = track_backend.filter(|_| !armed.is_empty()).map(|b| TrackSet {
+        backend: b.to_string(),
+        generation: id.clone(),
+        procs: armed,
+    });
     let mut features = vec!["parasite".to_string()];
     if a.compress {
         features.push("zstd".into());
@@ -202,8 +329,20 @@ fn dump(a: &DumpArgs) -> Result<()> {
         pids: seized.pids.iter().map(|p| p.0).collect(),
         features,
         memory_bytes: total_pages * PAGE_SIZE as u64,
-        parent: None,
+        id: id.clone(),
+        parent: match (&parent, &a.prev_images_dir) {
+            (Some(_), Some(d)) => Some(relative_to(&a.dir, d)?),
+            _ => None,
+        },
+        parent_id: parent.as_ref().map(|p| p.inventory().id.clone()),
+        memory_backend: backend.to_string(),
+        tracking: tracking.as_ref().map(|t| Tracking {
+            backend: t.backend.clone(),
+            holder: Some(track::holder::socket_path(&t.generation).display().to_string()),
+            generation: t.generation.clone(),
+        }),
     };
+    let stored = w.pages().stats().stored_pages;
     w.finish(inv)?;
 
     if a.leave_running {
@@ -213,16 +352,75 @@ fn dump(a: &DumpArgs) -> Result<()> {
     }
     let summary = serde_json::json!({
         "images_dir": a.dir,
+        "id": id,
+        "parent": a.prev_images_dir,
         "pids": seized.pids.iter().map(|p| p.0).collect::<Vec<_>>(),
         "memory_bytes": total_pages * PAGE_SIZE as u64,
+        "backend": backend,
+        "pages_present": counts.present,
+        "pages_read": counts.read,
+        "pages_reused": counts.reused,
+        "pages_stored": stored,
+        "tracking": tracking.as_ref().map(|t| t.backend.clone()),
         "seconds": t0.elapsed().as_secs_f64(),
         "left_running": a.leave_running,
     });
     drop(seized);
-    if a.json {
-        println!("{summary}");
+    Ok(DumpOutcome { summary, tracking })
+}
+
+/// Pages counted over the whole dump, for the summary.
+#[derive(Default)]
+struct Counts {
+    /// Pages with content in the processes.
+    present: u64,
+    /// Pages read from the processes.
+    read: u64,
+    /// Pages taken from the parent image unread.
+    reused: u64,
+}
+
+/// The parent image's record and page map of the process `p` is now, if
+/// the parent has it: the same pid with the same start time.
+fn parent_process(r: &ImageReader, p: &ProcessImage) -> Result<Option<(ProcessImage, Vec<(u64, PageHash)>)>> {
+    let name = format!("proc-{}.json", p.pid);
+    if !r.has(&name) {
+        return Ok(None);
     }
-    Ok(())
+    let pp: ProcessImage = r.read_json(&name)?;
+    if pp.start_time != p.start_time || pp.start_time == 0 {
+        return Ok(None);
+    }
+    let pm = format!("pagemap-{}.bin", p.pid);
+    let map = if r.has(&pm) { r.pagemap(&pm)? } else { Vec::new() };
+    Ok(Some((pp, map)))
+}
+
+/// A fresh image id: 32 random hex digits.
+fn new_image_id() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("reading /dev/urandom for the image id")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `to` as seen from directory `from` (both existing): a relative path, so
+/// a chain of images can be moved as a whole.
+fn relative_to(from: &Path, to: &Path) -> Result<String> {
+    let f = from.canonicalize().with_context(|| format!("resolving {}", from.display()))?;
+    let t = to.canonicalize().with_context(|| format!("resolving {}", to.display()))?;
+    let fc: Vec<_> = f.components().collect();
+    let tc: Vec<_> = t.components().collect();
+    let common = fc.iter().zip(&tc).take_while(|(a, b)| a == b).count();
+    let mut rel = std::path::PathBuf::new();
+    for _ in common..fc.len() {
+        rel.push("..");
+    }
+    for c in &tc[common..] {
+        rel.push(c);
+    }
+    Ok(rel.display().to_string())
 }
 
 /// The wait status a zombie's parent will read: /proc/PID/stat exit_code.

@@ -261,6 +261,7 @@ fn read_process_inner(pid: Pid) -> Result<ProcessImage> {
         ppid: stat.field(4)?,
         pgid: stat.field(5)?,
         sid: stat.field(6)?,
+        start_time: stat.field(22)?,
         state,
         comm: stat.comm.clone(),
         exe: link("exe")?,

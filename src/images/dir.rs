@@ -9,7 +9,7 @@
 //! architecture, every manifest name (no `/`, no `..`), every file's size
 //! and checksum, and then only reads files listed in the manifest.
 use super::pagestore::{
-    PageHash, PageStoreReader, PageStoreWriter, INDEX_NAME, PACK_NAME, PACK_ZST_NAME, PAGE_SIZE,
+    ChainStore, PageHash, PageStoreReader, PageStoreWriter, INDEX_NAME, PACK_NAME, PACK_ZST_NAME, PAGE_SIZE,
 };
 use super::records::{Inventory, FORMAT_VERSION};
 use anyhow::{bail, ensure, Context, Result};
@@ -291,15 +291,52 @@ pub struct ImageReader {
     manifest: Manifest,
     files: HashMap<String, ManifestFile>,
     store: PageStoreReader,
+    /// The parent image of an incremental chain, opened and validated too.
+    parent: Option<Box<ImageReader>>,
+    /// This image's store and its parents'.
+    chain: ChainStore,
 }
 
+/// Longest chain of parents followed (a loop of images is refused by it).
+pub const MAX_CHAIN: usize = 1000;
+
 impl ImageReader {
-    /// Open and validate (version, arch, manifest sizes and checksums).
+    /// Open and validate (version, arch, manifest sizes and checksums), and
+    /// the same for every parent of an incremental image.
     pub fn open(dir: &Path) -> Result<Self> {
         timing("image open");
-        let r = Self::open_inner(dir).with_context(|| format!("image {}", dir.display()));
+        let r = Self::open_chain(dir, 0);
         timing("image opened");
         r
+    }
+
+    fn open_chain(dir: &Path, depth: usize) -> Result<Self> {
+        let mut me = Self::open_inner(dir).with_context(|| format!("image {}", dir.display()))?;
+        let Some(rel) = me.inv.parent.clone() else { return Ok(me) };
+        ensure!(depth < MAX_CHAIN, "image {}: chain of parents longer than {MAX_CHAIN} (a loop?)", dir.display());
+        let pdir = dir.join(&rel);
+        let parent = Self::open_chain(&pdir, depth + 1).with_context(|| {
+            format!("image {} is incremental: its parent {} cannot be used", dir.display(), pdir.display())
+        })?;
+        if let Some(want) = &me.inv.parent_id {
+            ensure!(
+                &parent.inv.id == want,
+                "image {}: parent {} is image {:?}, but this image was dumped against image {want:?} (replaced parent?)",
+                dir.display(),
+                pdir.display(),
+                parent.inv.id
+            );
+        }
+        let mut stores = vec![me.store.clone()];
+        stores.extend(parent.chain.stores().iter().cloned());
+        me.chain = ChainStore::new(stores);
+        me.parent = Some(Box::new(parent));
+        Ok(me)
+    }
+
+    /// The parent image of an incremental chain.
+    pub fn parent(&self) -> Option<&ImageReader> {
+        self.parent.as_deref()
     }
 
     fn open_inner(dir: &Path) -> Result<Self> {
@@ -374,7 +411,8 @@ impl ImageReader {
         // manifest checksum remains for `verify_pack`.
         let store = PageStoreReader::load(&dir.join(&ps.pack), compressed, &index)
             .with_context(|| format!("page store {}", ps.pack))?;
-        Ok(Self { dir: dir.to_path_buf(), inv, manifest, files, store })
+        let chain = ChainStore::new(vec![store.clone()]);
+        Ok(Self { dir: dir.to_path_buf(), inv, manifest, files, store, parent: None, chain })
     }
 
     pub fn dir(&self) -> &Path {
@@ -408,16 +446,23 @@ impl ImageReader {
         let m = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
         for &(addr, h) in &m {
             ensure!(
-                self.store.contains(h),
-                "image {}: page map {name}: page at {addr:#x} ({h:032x}) is not in the page store",
-                self.dir.display()
+                self.chain.contains(h),
+                "image {}: page map {name}: page at {addr:#x} ({h:032x}) is not in the page store{}",
+                self.dir.display(),
+                if self.parent.is_some() { " nor in its parents'" } else { "" }
             );
         }
         Ok(m)
     }
 
-    pub fn pages(&self) -> Result<PageStoreReader> {
-        Ok(self.store.clone())
+    /// The pages the page maps refer to: this image's store and its parents'.
+    pub fn pages(&self) -> Result<ChainStore> {
+        Ok(self.chain.clone())
+    }
+
+    /// This image's own page store (without its parents').
+    pub fn own_pages(&self) -> &PageStoreReader {
+        &self.store
     }
 
     /// Full check of the page pack: its manifest checksum, and every page

@@ -7,4 +7,4 @@ pub mod show;
 pub mod dir;
 
 pub use dir::{ImageReader, ImageWriter};
-pub use pagestore::{PageHash, PageStoreReader, PageStoreWriter};
+pub use pagestore::{ChainStore, PageHash, PageStoreReader, PageStoreWriter};

@@ -272,6 +272,8 @@ enum Output {
 
 pub struct PageStoreWriter {
     seen: HashSet<PageHash, BuildPageHasher>,
+    /// Pages the parent chain already stores: referenced, never stored again.
+    known: HashSet<PageHash, BuildPageHasher>,
     order: Vec<PageHash>,
     buf: Vec<u8>,
     out: Output,
@@ -291,6 +293,7 @@ impl PageStoreWriter {
         };
         Ok(Self {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
+            known: HashSet::with_hasher(BuildPageHasher::default()),
             order: Vec::new(),
             buf: Vec::new(),
             out: Output::Pending(sink),
@@ -303,6 +306,7 @@ impl PageStoreWriter {
     pub fn discard() -> Self {
         Self {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
+            known: HashSet::with_hasher(BuildPageHasher::default()),
             order: Vec::new(),
             buf: Vec::new(),
             out: Output::Discard,
@@ -322,9 +326,16 @@ impl PageStoreWriter {
         self.stats
     }
 
-    /// True if a page with this hash is already stored.
+    /// True if a page with this hash is already stored, here or in the
+    /// parent chain (`know`).
     pub fn contains(&self, hash: PageHash) -> bool {
-        self.seen.contains(&hash)
+        self.seen.contains(&hash) || self.known.contains(&hash)
+    }
+
+    /// Pages an incremental image's parents already hold: `add_pages`
+    /// references them without storing them again.
+    pub fn know(&mut self, hashes: impl IntoIterator<Item = PageHash>) {
+        self.known.extend(hashes);
     }
 
     /// Add `data` (a multiple of 4096 bytes) whose first page is at virtual
@@ -356,7 +367,7 @@ impl PageStoreWriter {
             } else {
                 let h = hash_page(page);
                 map.push((addr, h));
-                if self.seen.insert(h) {
+                if !self.known.contains(&h) && self.seen.insert(h) {
                     self.order.push(h);
                     self.stats.stored_pages += 1;
                     if keep {
@@ -783,17 +794,59 @@ mod tests {
     }
 }
 
+/// The page stores of an image and of its parents, nearest first: what an
+/// incremental image's page maps resolve against.
+#[derive(Clone)]
+pub struct ChainStore {
+    stores: Vec<PageStoreReader>,
+}
+
+impl ChainStore {
+    /// `stores[0]` is the image's own, then its parent's, and so on.
+    pub fn new(stores: Vec<PageStoreReader>) -> Self {
+        Self { stores }
+    }
+
+    /// (which store, byte offset in it) of a page, nearest store first.
+    pub fn locate(&self, hash: PageHash) -> Result<(usize, usize)> {
+        for (i, s) in self.stores.iter().enumerate() {
+            if let Some(&k) = s.inner.index.get(&hash) {
+                return Ok((i, k as usize * PAGE_SIZE));
+            }
+        }
+        bail!("page {hash:032x} is in no page store of the image or its parents")
+    }
+
+    pub fn contains(&self, hash: PageHash) -> bool {
+        self.stores.iter().any(|s| s.contains(hash))
+    }
+
+    /// The checked bytes of a page.
+    pub fn page(&self, hash: PageHash) -> Result<&[u8]> {
+        let (i, off) = self.locate(hash)?;
+        self.stores[i].verified(off, PAGE_SIZE)
+    }
+
+    /// `PageStoreReader::verified` on store `i`.
+    pub fn verified(&self, i: usize, off: usize, len: usize) -> Result<&[u8]> {
+        self.stores.get(i).context("page store index out of range")?.verified(off, len)
+    }
+
+    /// Every page hash the chain holds.
+    pub fn hashes(&self) -> impl Iterator<Item = PageHash> + '_ {
+        self.stores.iter().flat_map(|s| s.inner.order.iter().copied())
+    }
+
+    pub fn stores(&self) -> &[PageStoreReader] {
+        &self.stores
+    }
+}
+
 impl PageStoreReader {
     /// Offset of a page inside `bytes()`: restore widens runs of pages that
     /// are adjacent in the pack into one slice for `process_vm_writev`.
     pub fn page_offset(&self, hash: PageHash) -> Result<usize> {
         let i = *self.inner.index.get(&hash).with_context(|| format!("page {hash:032x} is not in the page store"))?;
         Ok(i as usize * PAGE_SIZE)
-    }
-
-    /// Every page of the store, back to back, NOT checked against the
-    /// index (use `verified` or `page` for contents that will be used).
-    pub fn bytes(&self) -> &[u8] {
-        self.inner.data.bytes()
     }
 }

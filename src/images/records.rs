@@ -35,9 +35,38 @@ pub struct Inventory {
     /// Total bytes of page data referenced by all processes (logical size).
     #[serde(default)]
     pub memory_bytes: u64,
-    /// Directory of a parent image for incremental chains (issue 3).
+    /// This image's identity: 32 random hex digits, so a child can tell its
+    /// parent from another image put in its place.
+    #[serde(default)]
+    pub id: String,
+    /// Parent image of an incremental chain: its directory, relative to this
+    /// image's directory where possible.
     #[serde(default)]
     pub parent: Option<String>,
+    /// The parent's `id`, checked when the chain is opened.
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    /// How the memory was read: "full" (every page), "hash" (every page,
+    /// only new ones stored), "uffd-wp" or "soft-dirty" (only pages written
+    /// since the parent, the rest taken from it).
+    #[serde(default)]
+    pub memory_backend: String,
+    /// Dirty tracking armed by this dump for the next one, if any.
+    #[serde(default)]
+    pub tracking: Option<Tracking>,
+}
+
+/// Where the next incremental dump finds the dirty tracking this dump armed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tracking {
+    /// "uffd-wp" or "soft-dirty".
+    pub backend: String,
+    /// Socket of the process that holds the tracking between dumps (uffd-wp).
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// Token the holder hands out with the tracking; it matches this value
+    /// only if no other dump consumed the tracking since.
+    pub generation: String,
 }
 
 /// `proc-<pid>.json`: one process.
@@ -86,6 +115,10 @@ pub struct ProcessImage {
     /// through the process's own descriptors (`kinds/locks.rs`).
     #[serde(default)]
     pub file_locks: Vec<FileLock>,
+    /// Start time (/proc/PID/stat field 22): with the pid, tells the same
+    /// process apart from a later one with the same pid.
+    #[serde(default)]
+    pub start_time: u64,
 }
 
 /// One POSIX timer, armed or not.

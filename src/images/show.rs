@@ -47,7 +47,7 @@ struct Summary {
 fn summarize(dir: &Path) -> Result<Summary> {
     let r = ImageReader::open(dir)?;
     let inv = r.inventory();
-    let store = r.pages()?;
+    let store = r.own_pages();
     let mut processes = Vec::new();
     for &pid in &inv.pids {
         let mut s = ProcSummary {

@@ -332,6 +332,22 @@ impl Parasite {
         self.rsys(tid, nr, args)
     }
 
+    /// Run a system call that makes a new descriptor in the target and take
+    /// it: snap keeps its own copy and closes the target's, which is left
+    /// with no trace of it. The error (negative errno) is returned as is
+    /// for the caller to branch on.
+    pub fn create_fd(&mut self, nr: i64, args: [u64; 6]) -> Result<std::result::Result<OwnedFd, i32>> {
+        let r = self.rsys(self.leader, nr, args)?;
+        if is_err(r) {
+            return Ok(Err(-r as i32));
+        }
+        let fd = RemoteFd(r as i32);
+        let pidfd = crate::sys::pidfd_open(self.pid)?;
+        let got = crate::sys::pidfd_getfd(&pidfd, fd);
+        self.close_remote(fd)?;
+        Ok(Ok(got?))
+    }
+
     /// A scratch area (64 KiB) inside the parasite mapping for syscall buffers.
     pub fn scratch(&self) -> (RemoteAddr, usize) {
         (RemoteAddr(self.scratch_addr().unwrap_or(0)), SCRATCH_LEN)

@@ -8,7 +8,7 @@ use super::pool::{Pool, CTL_LEN};
 use super::remote::Remote;
 use crate::dump::mm::parse_maps_line;
 use crate::images::records::{ProcessImage, VmaKind};
-use crate::images::{ImageReader, PageStoreReader};
+use crate::images::{ChainStore, ImageReader};
 use crate::types::PAGE_SIZE;
 use anyhow::{bail, Context, Result};
 
@@ -34,7 +34,7 @@ fn is_special(name: &str) -> bool {
     matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]")
 }
 
-pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader, store: &PageStoreReader) -> Result<()> {
+pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader, store: &ChainStore) -> Result<()> {
     let pid = p.pid;
     let cur = current_maps(r.host)?;
 
@@ -158,16 +158,16 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     // 4. Memory contents, in runs that are contiguous both in the target and
     //    in the page store (a fresh dump stores pages in address order).
     crate::images::dir::timing("memory: mapped");
-    let mut runs: Vec<(u64, usize, usize)> = Vec::new(); // (addr, pack offset, len)
+    let mut runs: Vec<Run> = Vec::new();
     for &(addr, h) in &map {
-        let off = store.page_offset(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
+        let (si, off) = store.locate(h).with_context(|| format!("pid {pid}: page at {addr:#x}"))?;
         if let Some(last) = runs.last_mut() {
-            if last.0 + last.2 as u64 == addr && last.1 + last.2 == off {
-                last.2 += PAGE_SIZE;
+            if last.addr + last.len as u64 == addr && last.store == si && last.off + last.len == off {
+                last.len += PAGE_SIZE;
                 continue;
             }
         }
-        runs.push((addr, off, PAGE_SIZE));
+        runs.push(Run { addr, store: si, off, len: PAGE_SIZE });
     }
     //    Each batch of pages is checked against its names (the pack's
     //    integrity check) right before it is written, while in cache.
@@ -201,6 +201,16 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     Ok(())
 }
 
+/// Pages contiguous in the target and in one pack of the chain.
+struct Run {
+    addr: u64,
+    /// Which store of the chain.
+    store: usize,
+    /// Byte offset in that store's pack.
+    off: usize,
+    len: usize,
+}
+
 /// Bytes per `process_vm_writev` batch: small enough that the pages just
 /// hashed are still in cache when the kernel copies them.
 const WRITE_BATCH: usize = 1 << 20;
@@ -213,14 +223,14 @@ const PARALLEL_MIN: usize = 16 << 20;
 /// the time goes into faulting in the target's fresh pages (inside the
 /// kernel, in the calling thread), so big processes are written by one
 /// thread per CPU (at most 4), each taking the next batch.
-fn write_runs(host: i32, store: &PageStoreReader, runs: &[(u64, usize, usize)]) -> Result<()> {
+fn write_runs(host: i32, store: &ChainStore, runs: &[Run]) -> Result<()> {
     // Cut the runs into batches: (first run, offset in it, last run, end offset in it).
     let mut batches: Vec<(usize, usize, usize, usize)> = Vec::new();
     let (mut i, mut off, mut total) = (0usize, 0usize, 0usize);
     let mut start = (0usize, 0usize);
     let mut count = 0usize;
     while i < runs.len() {
-        let l = runs[i].2;
+        let l = runs[i].len;
         let take = (l - off).min(WRITE_BATCH - count);
         off += take;
         count += take;
@@ -273,17 +283,18 @@ fn write_runs(host: i32, store: &PageStoreReader, runs: &[(u64, usize, usize)]) 
 /// (inclusive run index).
 fn write_batch(
     host: i32,
-    store: &PageStoreReader,
-    runs: &[(u64, usize, usize)],
+    store: &ChainStore,
+    runs: &[Run],
     (r0, o0): (usize, usize),
     (r1, o1): (usize, usize),
 ) -> Result<()> {
     let mut local: Vec<libc::iovec> = Vec::with_capacity(r1 - r0 + 1);
     let mut remote: Vec<libc::iovec> = Vec::with_capacity(r1 - r0 + 1);
-    for (j, &(a, o, l)) in runs[r0..=r1].iter().enumerate() {
+    for (j, run) in runs[r0..=r1].iter().enumerate() {
+        let (a, l) = (run.addr, run.len);
         let from = if j == 0 { o0 } else { 0 };
         let to = if r0 + j == r1 { o1 } else { l };
-        let data = store.verified(o + from, to - from)?;
+        let data = store.verified(run.store, run.off + from, to - from)?;
         local.push(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: to - from });
         remote.push(libc::iovec { iov_base: (a + from as u64) as *mut libc::c_void, iov_len: to - from });
     }

@@ -7,7 +7,7 @@
 
 use super::Plan;
 use crate::images::records::{FileId, VmaKind};
-use crate::images::{ImageReader, PageStoreReader};
+use crate::images::{ChainStore, ImageReader};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -104,7 +104,7 @@ fn pick_control_area(plan: &Plan) -> Result<u64> {
     bail!("no free 16 MiB area for the restore control page in the saved address spaces")
 }
 
-pub fn build(plan: &Plan, img: &ImageReader, store: &PageStoreReader, shell_job: bool) -> Result<Pool> {
+pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool) -> Result<Pool> {
     // Raise our descriptor limit: the pool sits above every saved fd.
     if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);

@@ -3,6 +3,7 @@ pub mod clone;
 pub mod probe;
 pub mod process;
 pub mod ptrace;
+pub mod uffd;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -43,9 +44,33 @@ pub fn set_nonblock(fd: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// `accept4(SOCK_CLOEXEC)` on a listening socket.
+pub fn accept(l: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
+    let c = nix::sys::socket::accept4(l.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC).context("accept")?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(c) })
+}
+
+/// Send one message of `data` (not empty) carrying `fds` (SCM_RIGHTS).
+pub fn send_fds(sock: std::os::fd::BorrowedFd<'_>, data: &[u8], fds: &[std::os::fd::RawFd]) -> Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [io::IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cm: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cm, MsgFlags::empty(), None)
+        .with_context(|| format!("sendmsg with {} descriptors", fds.len()))?;
+    Ok(())
+}
+
 /// Receive one message carrying up to `max` descriptors (SCM_RIGHTS).
 pub fn recv_fds(sock: &OwnedFd, max: usize) -> Result<Vec<OwnedFd>> {
-    let mut data = [0u8; 16];
+    recv_msg(sock, 16, max).map(|(_, fds)| fds)
+}
+
+/// Receive one message of at most `cap` bytes carrying up to `max`
+/// descriptors (SCM_RIGHTS): its bytes and the descriptors.
+pub fn recv_msg(sock: &OwnedFd, cap: usize, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut data = vec![0u8; cap];
     let mut iov = libc::iovec { iov_base: data.as_mut_ptr() as *mut _, iov_len: data.len() };
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE((max * 4) as u32) } as usize;
@@ -56,17 +81,17 @@ pub fn recv_fds(sock: &OwnedFd, max: usize) -> Result<Vec<OwnedFd>> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr() as *mut _;
     msg.msg_controllen = space;
-    loop {
+    let got = loop {
         // SAFETY: msg points to live buffers of the sizes given.
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n >= 0 {
-            break;
+            break n as usize;
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
             return Err(e).context("recvmsg SCM_RIGHTS");
         }
-    }
+    };
     let mut out = Vec::new();
     // SAFETY: walking the control buffer the kernel filled, with the libc
     // CMSG macros that stay within msg_controllen.
@@ -86,7 +111,11 @@ pub fn recv_fds(sock: &OwnedFd, max: usize) -> Result<Vec<OwnedFd>> {
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         anyhow::bail!("recvmsg: control data truncated (more than {max} fds)");
     }
-    Ok(out)
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        anyhow::bail!("recvmsg: message longer than {cap} bytes");
+    }
+    data.truncate(got);
+    Ok((data, out))
 }
 
 /// A borrowed view of a descriptor this process owns and keeps open for at

@@ -2,7 +2,7 @@
 //! this process, or on a short-lived child it makes) rather than trusting
 //! version numbers. Raw system calls without a `nix` wrapper live here, in
 //! small `unsafe` blocks, with the rest of the system-call layer.
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
 pub type Probe = std::result::Result<String, String>;
@@ -179,55 +179,22 @@ pub fn probe_vmsplice() -> Probe {
 /// userfaultfd (user-mode only) with WP_ASYNC + WP_UNPOPULATED, then one
 /// PAGEMAP_SCAN ioctl on /proc/self/pagemap.
 pub fn probe_uffd_pagemap_scan() -> Probe {
-    const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-    const UFFD_API: u64 = 0xAA;
-    const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-    const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-    const UFFDIO_API: libc::c_ulong = 0xC018_AA3F; // _IOWR(0xAA, 0x3F, 24 bytes)
-    const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610; // _IOWR('f', 16, 96 bytes)
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-
+    use super::uffd;
     // SAFETY: plain system call; the result is a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC as u64 | uffd::UFFD_USER_MODE_ONLY) };
     if fd < 0 {
         return Err(format!("userfaultfd(UFFD_USER_MODE_ONLY): {}", errno_str()));
     }
     // SAFETY: fd is a fresh descriptor we own.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct uffdio_api { u64 api, features, ioctls }
-    let mut api = [UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0];
-    // SAFETY: UFFDIO_API reads and writes exactly this 24-byte struct.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) };
-    if r < 0 {
-        return Err(format!("UFFDIO_API with WP_ASYNC|WP_UNPOPULATED: {}", errno_str()));
-    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    uffd::api_wp_async(fd.as_fd()).map_err(|e| format!("{e:#}"))?;
     let pm = std::fs::File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
     let buf = vec![1u8; 4 * 4096];
     let start = (buf.as_ptr() as u64 + 4095) & !4095;
-    let mut regions = [[0u64; 3]; 4]; // struct page_region { start, end, categories }
-    // struct pm_scan_arg (12 u64 words)
-    let arg: [u64; 12] = [
-        96,                          // size
-        0,                           // flags
-        start,                       // start
-        start + 2 * 4096,            // end
-        0,                           // walk_end (out)
-        regions.as_mut_ptr() as u64, // vec
-        regions.len() as u64,        // vec_len
-        0,                           // max_pages
-        0,                           // category_inverted
-        0,                           // category_mask
-        0,                           // category_anyof_mask
-        PAGE_IS_PRESENT,             // return_mask
-    ];
-    // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most vec_len regions
-    // into `regions` and walk_end into `arg`; both live across the call.
-    let r = unsafe { libc::ioctl(pm.as_raw_fd(), PAGEMAP_SCAN, arg.as_ptr()) };
+    let r = uffd::scan(pm.as_fd(), start, start + 2 * 4096, 0, 0, 0, uffd::PAGE_IS_PRESENT);
     drop(buf);
-    if r < 0 {
-        return Err(format!("PAGEMAP_SCAN: {}", errno_str()));
-    }
-    Ok(format!("uffd WP_ASYNC accepted; PAGEMAP_SCAN returned {r} region(s)"))
+    let r = r.map_err(|e| format!("{e:#}"))?;
+    Ok(format!("uffd WP_ASYNC accepted; PAGEMAP_SCAN returned {} region(s)", r.len()))
 }
 
 /// CONFIG_MEM_SOFT_DIRTY: clear, write a page, look for bit 55.
