@@ -214,7 +214,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         let mut map: Vec<(u64, PageHash)> = Vec::new();
         let mut plan = Vec::new();
         let mut parent_at = 0;
-        let reused_before = counts.reused;
+        let before = (counts.present, counts.read, counts.reused);
         for vma in &p.vmas {
             let mut ranges = mm::dump_ranges(pid, vma)?;
             counts.present += ranges.iter().map(|r| (r.1 / PAGE_SIZE) as u64).sum::<u64>();
@@ -273,7 +273,14 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         prog.finish();
         crate::images::dir::timing("dump: memory read");
         counts.read += (bytes / PAGE_SIZE) as u64;
-        total_pages += counts.reused - reused_before;
+        total_pages += counts.reused - before.2;
+        counts.per_process.push(serde_json::json!({
+            "pid": pid.0,
+            "memory": if unchanged.is_some() { "tracked" } else if prev.is_some() { "hashed" } else { "full" },
+            "pages_present": counts.present - before.0,
+            "pages_read": counts.read - before.1,
+            "pages_reused": counts.reused - before.2,
+        }));
         if let Some(b) = track_backend {
             match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take()) {
                 Ok(t) => {
@@ -361,6 +368,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         "pages_read": counts.read,
         "pages_reused": counts.reused,
         "pages_stored": stored,
+        "processes": counts.per_process,
         "tracking": tracking.as_ref().map(|t| t.backend.clone()),
         "seconds": t0.elapsed().as_secs_f64(),
         "left_running": a.leave_running,
@@ -378,6 +386,9 @@ struct Counts {
     read: u64,
     /// Pages taken from the parent image unread.
     reused: u64,
+    /// The same per process, with how its memory was read: "tracked" (only
+    /// written pages), "hashed" (all, against the parent) or "full".
+    per_process: Vec<serde_json::Value>,
 }
 
 /// The parent image's record and page map of the process `p` is now, if

@@ -2,6 +2,7 @@
 //! a content-addressed page store and a manifest of checksums.
 
 pub mod pagestore;
+pub mod prune;
 pub mod records;
 pub mod show;
 pub mod dir;
