@@ -128,6 +128,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         _ => None,
     };
     let mut armed = BTreeMap::new();
+    let t_seize = Instant::now();
+    let stopped_for;
     let mut seized = seize::Seized::trees(&roots)?;
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
     let parent_pages = match &parent {
@@ -214,6 +216,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         let mut map: Vec<(u64, PageHash)> = Vec::new();
         let mut plan = Vec::new();
         let mut parent_at = 0;
+        // Runs of pages whose entries this image takes from the parent's
+        // page map of the same process.
+        let mut inherit: Vec<(u64, usize)> = Vec::new();
         let before = (counts.present, counts.read, counts.reused);
         for vma in &p.vmas {
             let mut ranges = mm::dump_ranges(pid, vma)?;
@@ -222,9 +227,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
             if let (Some(u), Some((_, pmap)), false) = (&unchanged, &prev, shared) {
                 // Shared memory is always read: writes through a file or
                 // another process's mapping pass no page table of this one.
-                let before = map.len();
-                ranges = track::split(&ranges, u, pmap, &mut parent_at, &mut map);
-                counts.reused += (map.len() - before) as u64;
+                let n = inherit.iter().map(|r| r.1).sum::<usize>();
+                ranges = track::split(&ranges, u, pmap, &mut parent_at, &mut inherit);
+                counts.reused += ((inherit.iter().map(|r| r.1).sum::<usize>() - n) / PAGE_SIZE) as u64;
             }
             if !ranges.is_empty() {
                 plan.push((vma, ranges));
@@ -292,6 +297,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         map.sort_by_key(|e| e.0);
         w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;
+        if !inherit.is_empty() {
+            w.write_inherited(&format!("pagemap-{}.bin", pid.0), &inherit)?;
+        }
         w.write_json(&format!("proc-{}.json", pid.0), &p)?;
     }
 
@@ -350,18 +358,27 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         }),
     };
     let stored = w.pages().stats().stored_pages;
-    w.finish(inv)?;
-
+    let pids: Vec<i32> = seized.pids.iter().map(|p| p.0).collect();
     if a.leave_running {
+        // Everything is read: the processes go on while the image is
+        // finished (a failure from here on leaves them running anyway).
         resume_in_place(&seized)?;
+        drop(seized);
+        let stopped = t_seize.elapsed();
+        w.finish(inv)?;
+        stopped_for = stopped;
     } else {
+        // Killed only once the image is complete on disk.
+        w.finish(inv)?;
         seized.kill_all();
+        drop(seized);
+        stopped_for = t_seize.elapsed();
     }
     let summary = serde_json::json!({
         "images_dir": a.dir,
         "id": id,
         "parent": a.prev_images_dir,
-        "pids": seized.pids.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "pids": pids,
         "memory_bytes": total_pages * PAGE_SIZE as u64,
         "backend": backend,
         "pages_present": counts.present,
@@ -371,9 +388,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         "processes": counts.per_process,
         "tracking": tracking.as_ref().map(|t| t.backend.clone()),
         "seconds": t0.elapsed().as_secs_f64(),
+        "stopped_seconds": stopped_for.as_secs_f64(),
         "left_running": a.leave_running,
     });
-    drop(seized);
     Ok(DumpOutcome { summary, tracking })
 }
 

@@ -30,6 +30,10 @@ pub const MAX_INVENTORY_BYTES: u64 = 64 << 20;
 pub const MAX_NAME_LEN: usize = 200;
 /// One page map entry: u64 LE address + u128 LE page hash.
 pub const PAGEMAP_ENTRY_SIZE: usize = 24;
+/// Suffix of the file that lists, for a page map of an incremental image,
+/// the address ranges whose entries are the parent's (same page map name):
+/// pairs of u64 LE (start, end), sorted, disjoint, page-aligned.
+pub const INHERIT_SUFFIX: &str = ".from-parent";
 
 /// One file of the image, as listed in the manifest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,6 +139,26 @@ pub fn decode_pagemap(name: &str, b: &[u8]) -> Result<Vec<(u64, PageHash)>> {
     Ok(out)
 }
 
+/// Decode and validate an inherited-ranges file: sorted, disjoint,
+/// page-aligned, non-empty ranges.
+pub fn decode_ranges(name: &str, b: &[u8]) -> Result<Vec<(u64, u64)>> {
+    ensure!(b.len() % 16 == 0, "{name}: length {} is not a multiple of 16", b.len());
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(b.len() / 16);
+    for (i, c) in b.as_chunks::<16>().0.iter().enumerate() {
+        let s = u64::from_le_bytes(c[..8].try_into().context("range")?);
+        let e = u64::from_le_bytes(c[8..].try_into().context("range")?);
+        ensure!(
+            s < e && s % PAGE_SIZE as u64 == 0 && e % PAGE_SIZE as u64 == 0,
+            "{name} range {i}: {s:#x}-{e:#x} is empty or not page-aligned"
+        );
+        if let Some(&(_, pe)) = out.last() {
+            ensure!(s >= pe, "{name} range {i}: {s:#x} overlaps or precedes the one before (ends {pe:#x})");
+        }
+        out.push((s, e));
+    }
+    Ok(out)
+}
+
 pub struct ImageWriter {
     dir: PathBuf,
     files: Vec<ManifestFile>,
@@ -206,6 +230,20 @@ impl ImageWriter {
         }
         let b = encode_pagemap(entries).with_context(|| format!("page map {name}"))?;
         self.write_bytes(name, &b)
+    }
+
+    /// For page map `name` of an incremental image: the runs `(address,
+    /// length)` whose entries are taken from the parent's page map `name`.
+    /// An unchanged page costs no entry of its own: the image stays small
+    /// however big the process (DESIGN: incremental images hold what changed).
+    pub fn write_inherited(&mut self, name: &str, runs: &[(u64, usize)]) -> Result<()> {
+        let mut b = Vec::with_capacity(runs.len() * 16);
+        for &(a, l) in runs {
+            b.extend_from_slice(&a.to_le_bytes());
+            b.extend_from_slice(&(a + l as u64).to_le_bytes());
+        }
+        decode_ranges(name, &b)?;
+        self.write_bytes(&format!("{name}{INHERIT_SUFFIX}"), &b)
     }
 
     pub fn pages(&mut self) -> &mut PageStoreWriter {
@@ -441,9 +479,23 @@ impl ImageReader {
         read_listed(&self.dir, &self.files, name).with_context(|| format!("image {}", self.dir.display()))
     }
 
+    /// A page map, complete: for an incremental image, the entries it takes
+    /// from its parent are merged in (see `INHERIT_SUFFIX`).
     pub fn pagemap(&self, name: &str) -> Result<Vec<(u64, PageHash)>> {
         let b = self.read_bytes(name)?;
-        let m = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
+        let mut m = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
+        let inh = format!("{name}{INHERIT_SUFFIX}");
+        if self.has(&inh) {
+            let ranges = decode_ranges(&inh, &self.read_bytes(&inh)?).with_context(|| format!("image {}", self.dir.display()))?;
+            let parent = self
+                .parent
+                .as_deref()
+                .with_context(|| format!("image {}: {inh} takes pages from a parent, but the image has none", self.dir.display()))?;
+            let from = parent.pagemap(name)?;
+            m = merge_inherited(&m, &from, &ranges)
+                .with_context(|| format!("image {}: page map {name} with {inh}", self.dir.display()))?;
+            return Ok(m);
+        }
         for &(addr, h) in &m {
             ensure!(
                 self.chain.contains(h),
@@ -477,6 +529,44 @@ impl ImageReader {
         }
         self.store.verify_pages().with_context(|| format!("image {}: page pack {}", self.dir.display(), ps.pack))
     }
+}
+
+/// `own` entries plus those of `parent` inside `ranges`, sorted. An own
+/// entry inside an inherited range is refused (the image is inconsistent).
+fn merge_inherited(own: &[(u64, PageHash)], parent: &[(u64, PageHash)], ranges: &[(u64, u64)]) -> Result<Vec<(u64, PageHash)>> {
+    for &(addr, _) in own {
+        let k = ranges.partition_point(|r| r.1 <= addr);
+        ensure!(k == ranges.len() || ranges[k].0 > addr, "page {addr:#x} is stored here and also in an inherited range");
+    }
+    let mut taken: Vec<(u64, PageHash)> = Vec::new();
+    let mut i = 0;
+    for &(s, e) in ranges {
+        i += parent[i..].partition_point(|x| x.0 < s);
+        while i < parent.len() && parent[i].0 < e {
+            taken.push(parent[i]);
+            i += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(own.len() + taken.len());
+    let (mut a, mut b) = (0, 0);
+    while a < own.len() || b < taken.len() {
+        match (own.get(a), taken.get(b)) {
+            (Some(x), Some(y)) if x.0 < y.0 => {
+                out.push(*x);
+                a += 1;
+            }
+            (Some(x), None) => {
+                out.push(*x);
+                a += 1;
+            }
+            (_, Some(y)) => {
+                out.push(*y);
+                b += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    Ok(out)
 }
 
 /// Read a file the manifest lists, checking its size and checksum again

@@ -164,23 +164,27 @@ fn new_uffd(pid: Pid, par: &mut Parasite) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Append page `a` to sorted runs `(address, length)`, merging.
+fn push_page(runs: &mut Vec<(u64, usize)>, a: u64) {
+    match runs.last_mut() {
+        Some((s, l)) if *s + *l as u64 == a => *l += PAGE_SIZE,
+        _ => runs.push((a, PAGE_SIZE)),
+    }
+}
+
 /// Split the present pages `runs` (sorted `(address, length)`) of one
-/// mapping into the ranges to read and the pages to take from the parent:
-/// a page is taken only if it lies in `unchanged` and the parent page map
-/// (sorted) has it. `parent_at` is a cursor into `parent` kept across calls
-/// (mappings come in address order).
+/// mapping into the ranges to read and the pages to take from the parent
+/// (appended to `reuse` as runs): a page is taken only if it lies in
+/// `unchanged` and the parent page map (sorted) has it. `parent_at` is a
+/// cursor into `parent` kept across calls (mappings come in address order).
 pub fn split(
     runs: &[(u64, usize)],
     unchanged: &[(u64, u64)],
     parent: &[(u64, PageHash)],
     parent_at: &mut usize,
-    reuse: &mut Vec<(u64, PageHash)>,
+    reuse: &mut Vec<(u64, usize)>,
 ) -> Vec<(u64, usize)> {
     let mut read: Vec<(u64, usize)> = Vec::new();
-    let push = |read: &mut Vec<(u64, usize)>, a: u64| match read.last_mut() {
-        Some((s, l)) if *s + *l as u64 == a => *l += PAGE_SIZE,
-        _ => read.push((a, PAGE_SIZE)),
-    };
     let mut u = unchanged.partition_point(|r| r.1 <= runs.first().map_or(0, |r| r.0));
     for &(start, len) in runs {
         let mut a = start;
@@ -193,8 +197,8 @@ pub fn split(
             }
             let clean = u < unchanged.len() && unchanged[u].0 <= a;
             match parent.get(*parent_at) {
-                Some(&(pa, h)) if clean && pa == a => reuse.push((a, h)),
-                _ => push(&mut read, a),
+                Some(&(pa, _)) if clean && pa == a => push_page(reuse, a),
+                _ => push_page(&mut read, a),
             }
             a += PAGE_SIZE as u64;
         }
@@ -215,7 +219,7 @@ mod tests {
         let parent = [(p, 11), (2 * p, 12), (3 * p, 13), (5 * p, 15)];
         let (mut at, mut reuse) = (0, Vec::new());
         let read = split(&runs, &unchanged, &parent, &mut at, &mut reuse);
-        assert_eq!(reuse, vec![(2 * p, 12), (3 * p, 13), (5 * p, 15)]);
+        assert_eq!(reuse, vec![(2 * p, 2 * PAGE_SIZE), (5 * p, PAGE_SIZE)]);
         assert_eq!(read, vec![(0, 2 * PAGE_SIZE), (4 * p, PAGE_SIZE), (6 * p, 2 * PAGE_SIZE)]);
     }
 }
