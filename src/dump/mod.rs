@@ -186,7 +186,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
             trk = None;
         }
         let unchanged = match (&trk, &prev, &held) {
-            (Some(_), Some(_), Some(h)) => Some(track::unchanged(pid, &h.backend)?),
+            (Some(_), Some(_), Some(h)) => Some(track::dirt(pid, &h.backend)?),
             _ => None,
         };
 

@@ -82,30 +82,42 @@ fn pagemap(pid: Pid) -> Result<std::fs::File> {
     std::fs::File::open(&path).with_context(|| format!("{pid}: opening {path}"))
 }
 
-/// The ranges of `pid`'s address space whose pages are unchanged since the
-/// dump that armed the tracking (sorted, disjoint), and for uffd-wp the
-/// ranges it covers now. Resets the tracking for the next dump (uffd-wp:
-/// written pages are protected again in the same walk). Call with the
-/// process stopped, before anything (the parasite) writes to its memory.
-pub fn unchanged(pid: Pid, backend: &str) -> Result<Vec<(u64, u64)>> {
+/// What tracking tells about a process's pages since the dump that armed
+/// it (sorted, disjoint ranges).
+#[derive(Debug, Default)]
+pub struct Dirt {
+    /// Pages not written since: the parent's copy is current.
+    pub unchanged: Vec<(u64, u64)>,
+    /// Pages mapped to the shared zero page (read, never written): zero,
+    /// nothing to read or store.
+    pub zero: Vec<(u64, u64)>,
+}
+
+/// Ask the kernel which pages changed since the dump that armed tracking,
+/// and reset the tracking for the next dump (uffd-wp: written pages are
+/// protected again in the same walk). Call with the process stopped, before
+/// anything (the parasite) writes to its memory.
+pub fn dirt(pid: Pid, backend: &str) -> Result<Dirt> {
     let pm = pagemap(pid)?;
     let ctx = || format!("{pid}: dirty pages ({backend})");
-    if backend == SOFT_DIRTY {
+    let z = uffd::PAGE_IS_PFNZERO;
+    let (regs, clean) = if backend == SOFT_DIRTY {
         // Present or swapped pages, with their soft-dirty bit. Mappings made
         // since the last clear are soft-dirty as a whole.
         let any = uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED;
-        let regs = uffd::scan(pm.as_fd(), 0, USER_END, 0, 0, any, PAGE_IS_SOFT_DIRTY | uffd::PAGE_IS_PFNZERO)
-            .with_context(ctx)?;
-        return Ok(regs.into_iter().filter(|r| r.2 == 0).map(|r| (r.0, r.1)).collect());
-    }
-    // Every page in a mapping registered for async write-protection, holes
-    // included, with its written and zero-page bits; then the written ones
-    // are protected again.
-    let ret = uffd::PAGE_IS_WPALLOWED | uffd::PAGE_IS_WRITTEN | uffd::PAGE_IS_PFNZERO;
-    let regs = uffd::scan(pm.as_fd(), 0, USER_END, 0, 0, uffd::PAGE_IS_WPALLOWED, ret).with_context(ctx)?;
-    let w = uffd::PAGE_IS_WRITTEN;
-    uffd::scan(pm.as_fd(), 0, USER_END, uffd::PM_SCAN_WP_MATCHING, w, 0, w).with_context(ctx)?;
-    Ok(regs.into_iter().filter(|r| r.2 == uffd::PAGE_IS_WPALLOWED).map(|r| (r.0, r.1)).collect())
+        (uffd::scan(pm.as_fd(), 0, USER_END, 0, 0, any, PAGE_IS_SOFT_DIRTY | z).with_context(ctx)?, 0)
+    } else {
+        // Every page in a mapping registered for async write-protection,
+        // holes included, with its written and zero-page bits; then the
+        // written ones are protected again.
+        let ret = uffd::PAGE_IS_WPALLOWED | uffd::PAGE_IS_WRITTEN | z;
+        let regs = uffd::scan(pm.as_fd(), 0, USER_END, 0, 0, uffd::PAGE_IS_WPALLOWED, ret).with_context(ctx)?;
+        let w = uffd::PAGE_IS_WRITTEN;
+        uffd::scan(pm.as_fd(), 0, USER_END, uffd::PM_SCAN_WP_MATCHING, w, 0, w).with_context(ctx)?;
+        (regs, uffd::PAGE_IS_WPALLOWED)
+    };
+    let pick = |want: &dyn Fn(u64) -> bool| regs.iter().filter(|r| want(r.2)).map(|r| (r.0, r.1)).collect();
+    Ok(Dirt { unchanged: pick(&|c| c == clean), zero: pick(&|c| c & z != 0) })
 }
 
 /// Mappings whose pages tracking follows: private memory whose contents
@@ -172,35 +184,51 @@ fn push_page(runs: &mut Vec<(u64, usize)>, a: u64) {
     }
 }
 
+/// A cursor over sorted disjoint ranges, for addresses asked in increasing
+/// order.
+struct InRanges<'a> {
+    r: &'a [(u64, u64)],
+    i: usize,
+}
+
+impl InRanges<'_> {
+    fn contains(&mut self, a: u64) -> bool {
+        while self.i < self.r.len() && self.r[self.i].1 <= a {
+            self.i += 1;
+        }
+        self.i < self.r.len() && self.r[self.i].0 <= a
+    }
+}
+
 /// Split the present pages `runs` (sorted `(address, length)`) of one
 /// mapping into the ranges to read and the pages to take from the parent
-/// (appended to `reuse` as runs): a page is taken only if it lies in
-/// `unchanged` and the parent page map (sorted) has it. `parent_at` is a
-/// cursor into `parent` kept across calls (mappings come in address order).
+/// (appended to `reuse` as runs): a page is taken only if it is unchanged
+/// and the parent page map (sorted) has it; a zero page is neither.
+/// `parent_at` is a cursor into `parent` kept across calls (mappings come
+/// in address order).
 pub fn split(
     runs: &[(u64, usize)],
-    unchanged: &[(u64, u64)],
+    dirt: &Dirt,
     parent: &[(u64, PageHash)],
     parent_at: &mut usize,
     reuse: &mut Vec<(u64, usize)>,
 ) -> Vec<(u64, usize)> {
     let mut read: Vec<(u64, usize)> = Vec::new();
-    let mut u = unchanged.partition_point(|r| r.1 <= runs.first().map_or(0, |r| r.0));
+    let first = runs.first().map_or(0, |r| r.0);
+    let mut clean = InRanges { r: &dirt.unchanged, i: dirt.unchanged.partition_point(|r| r.1 <= first) };
+    let mut zero = InRanges { r: &dirt.zero, i: dirt.zero.partition_point(|r| r.1 <= first) };
     for &(start, len) in runs {
-        let mut a = start;
-        while a < start + len as u64 {
-            while u < unchanged.len() && unchanged[u].1 <= a {
-                u += 1;
+        for a in (start..start + len as u64).step_by(PAGE_SIZE) {
+            if zero.contains(a) {
+                continue;
             }
             while *parent_at < parent.len() && parent[*parent_at].0 < a {
                 *parent_at += 1;
             }
-            let clean = u < unchanged.len() && unchanged[u].0 <= a;
             match parent.get(*parent_at) {
-                Some(&(pa, _)) if clean && pa == a => push_page(reuse, a),
+                Some(&(pa, _)) if pa == a && clean.contains(a) => push_page(reuse, a),
                 _ => push_page(&mut read, a),
             }
-            a += PAGE_SIZE as u64;
         }
     }
     read
@@ -213,13 +241,14 @@ mod tests {
     #[test]
     fn split_takes_only_clean_pages_the_parent_has() {
         let p = PAGE_SIZE as u64;
-        // Pages 0..8 present; 2..6 unchanged; the parent has 1, 2, 3, 5.
+        // Pages 0..8 present; 2..6 unchanged; 7 the zero page; the parent
+        // has 1, 2, 3, 5.
         let runs = [(0, 8 * PAGE_SIZE)];
-        let unchanged = [(2 * p, 6 * p)];
+        let dirt = Dirt { unchanged: vec![(2 * p, 6 * p)], zero: vec![(7 * p, 8 * p)] };
         let parent = [(p, 11), (2 * p, 12), (3 * p, 13), (5 * p, 15)];
         let (mut at, mut reuse) = (0, Vec::new());
-        let read = split(&runs, &unchanged, &parent, &mut at, &mut reuse);
+        let read = split(&runs, &dirt, &parent, &mut at, &mut reuse);
         assert_eq!(reuse, vec![(2 * p, 2 * PAGE_SIZE), (5 * p, PAGE_SIZE)]);
-        assert_eq!(read, vec![(0, 2 * PAGE_SIZE), (4 * p, PAGE_SIZE), (6 * p, 2 * PAGE_SIZE)]);
+        assert_eq!(read, vec![(0, 2 * PAGE_SIZE), (4 * p, PAGE_SIZE), (6 * p, PAGE_SIZE)]);
     }
 }
