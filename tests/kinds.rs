@@ -168,7 +168,7 @@ fn vmas_and_ranges() {
     );
     let pid = g.pid();
     let (ba, ma) = (v["b"].as_u64().unwrap(), v["m"].as_u64().unwrap());
-    let vmas = mm::read_vmas(pid).unwrap();
+    let vmas = mm::read_vmas(pid, None).unwrap();
     let find = |a: u64| vmas.iter().find(|x| x.start <= a && a < x.end).unwrap();
 
     let bv = find(ba);

@@ -81,23 +81,34 @@ pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
     })
 }
 
-/// Start addresses of VMAs with VM_GROWSDOWN ("gd" in smaps VmFlags).
-fn growsdown_starts(pid: Pid) -> Result<Vec<u64>> {
+/// What /proc/PID/smaps says about VmFlags: the start of every VMA, and of
+/// those with VM_GROWSDOWN ("gd"). smaps walks every page table to count
+/// RSS, which costs tens of milliseconds for a big process: a dump reads it
+/// before stopping the process, and again only if the mappings changed.
+#[derive(Debug, Clone, Default)]
+pub struct VmFlags {
+    /// The maps line of every VMA, as smaps heads its entry.
+    lines: std::collections::HashSet<String>,
+    growsdown: Vec<u64>,
+}
+
+pub fn vm_flags(pid: Pid) -> Result<VmFlags> {
     let path = format!("/proc/{}/smaps", pid.0);
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let mut cur = None;
-    let mut out = Vec::new();
+    let mut out = VmFlags::default();
     for line in text.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
             if let Some(start) = cur {
                 if flags.split_whitespace().any(|f| f == "gd") {
-                    out.push(start);
+                    out.growsdown.push(start);
                 }
             }
         } else if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, _)) = range.split_once('-') {
                 if let Ok(a) = u64::from_str_radix(s, 16) {
                     cur = Some(a);
+                    out.lines.insert(line.to_string());
                 }
             }
         }
@@ -171,14 +182,23 @@ fn classify(pid: Pid, l: &MapsLine) -> Result<VmaKind> {
     })
 }
 
-/// Every mapping of `pid`, classified.
-pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>> {
+/// Every mapping of `pid`, classified. `early`: VmFlags read before the
+/// process stopped, used if it lists every mapping there is now (VMAs
+/// never gain or lose VM_GROWSDOWN).
+pub fn read_vmas(pid: Pid, early: Option<VmFlags>) -> Result<Vec<Vma>> {
     let path = format!("/proc/{}/maps", pid.0);
     let text = fs::read_to_string(&path).with_context(|| format!("{pid}: reading {path}"))?;
-    let gd = growsdown_starts(pid).with_context(|| format!("{pid}: VmFlags"))?;
+    let raw: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = raw
+        .iter()
+        .map(|line| parse_maps_line(line).with_context(|| format!("{pid}: {path}")))
+        .collect::<Result<Vec<_>>>()?;
+    let gd = match early {
+        Some(f) if raw.iter().all(|l| f.lines.contains(*l)) => f.growsdown,
+        _ => vm_flags(pid).with_context(|| format!("{pid}: VmFlags"))?.growsdown,
+    };
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let l = parse_maps_line(line).with_context(|| format!("{pid}: {path}"))?;
+    for l in lines {
         let kind = classify(pid, &l).with_context(|| {
             format!("{pid}: mapping {:#x}-{:#x} ({})", l.start, l.end, l.path)
         })?;
@@ -369,7 +389,7 @@ mod tests {
     #[test]
     fn own_vmas() {
         let me = Pid(std::process::id() as i32);
-        let v = read_vmas(me).unwrap();
+        let v = read_vmas(me, None).unwrap();
         assert!(v.iter().any(|v| v.kind == VmaKind::Special { name: "[vdso]".into() }));
         assert!(v.iter().any(|v| matches!(v.kind, VmaKind::File { .. })));
         let stack = v.iter().find(|v| v.growsdown).expect("main stack is growsdown");

@@ -130,15 +130,18 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
     let mut armed = BTreeMap::new();
     let t_seize = Instant::now();
     let stopped_for;
-    let mut seized = seize::Seized::trees(&roots)?;
+    // Everything the parent can tell is loaded before the processes stop.
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
-    let parent_pages = match &parent {
-        Some(p) => Some(p.pages()?),
-        None => None,
-    };
-    if let Some(ps) = &parent_pages {
-        w.pages().know(ps.hashes());
+    let mut parent_procs = BTreeMap::new();
+    if let Some(r) = &parent {
+        w.pages().know(r.pages()?.hashes());
+        parent_procs = parent_processes(r)?;
     }
+    // VmFlags of the roots (see `mm::vm_flags`), while they still run.
+    let mut early_flags: BTreeMap<Pid, mm::VmFlags> =
+        roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
+    crate::images::dir::timing("dump: parent loaded");
+    let mut seized = seize::Seized::trees(&roots)?;
     let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_dumped(&seized.pids);
@@ -172,14 +175,12 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
             }
         }
         p.shared_pending = threads::shared_pending(tids[0])?;
-        p.vmas = mm::read_vmas(pid).with_context(|| format!("{pid}: reading mappings"))?;
+        p.vmas = mm::read_vmas(pid, early_flags.remove(&pid)).with_context(|| format!("{pid}: reading mappings"))?;
         // Incremental: what the parent holds of this same process, and which
         // pages tracking says are unchanged since (asked before the parasite
         // writes anything into the process).
-        let prev = match &parent {
-            Some(r) => parent_process(r, &p)?,
-            None => None,
-        };
+        // The same process (pid and start time) in the parent.
+        let prev = parent_procs.remove(&pid).filter(|(pp, _)| pp.start_time == p.start_time && p.start_time != 0);
         let mut trk = held.as_mut().and_then(|h| h.procs.remove(&pid)).filter(|t| t.start_time == p.start_time);
         if prev.as_ref().is_some_and(|(pp, _)| pp.mm.auxv != p.mm.auxv) {
             // exec'd since: a new address space the old uffd knows nothing of.
@@ -408,20 +409,18 @@ struct Counts {
     per_process: Vec<serde_json::Value>,
 }
 
-/// The parent image's record and page map of the process `p` is now, if
-/// the parent has it: the same pid with the same start time.
-fn parent_process(r: &ImageReader, p: &ProcessImage) -> Result<Option<(ProcessImage, Vec<(u64, PageHash)>)>> {
-    let name = format!("proc-{}.json", p.pid);
-    if !r.has(&name) {
-        return Ok(None);
+/// Every process of the parent image with its page map.
+type ParentProcs = BTreeMap<Pid, (ProcessImage, Vec<(u64, PageHash)>)>;
+
+fn parent_processes(r: &ImageReader) -> Result<ParentProcs> {
+    let mut out = BTreeMap::new();
+    for &pid in &r.inventory().pids {
+        let pp: ProcessImage = r.read_json(&format!("proc-{pid}.json"))?;
+        let pm = format!("pagemap-{pid}.bin");
+        let map = if r.has(&pm) { r.pagemap(&pm)? } else { Vec::new() };
+        out.insert(Pid(pid), (pp, map));
     }
-    let pp: ProcessImage = r.read_json(&name)?;
-    if pp.start_time != p.start_time || pp.start_time == 0 {
-        return Ok(None);
-    }
-    let pm = format!("pagemap-{}.bin", p.pid);
-    let map = if r.has(&pm) { r.pagemap(&pm)? } else { Vec::new() };
-    Ok(Some((pp, map)))
+    Ok(out)
 }
 
 /// A fresh image id: 32 random hex digits.
