@@ -16,6 +16,9 @@ pub struct Feature {
 pub struct Report {
     pub kernel: String,
     pub features: Vec<Feature>,
+    /// The dirty-tracking backend incremental dumps use here: "soft-dirty",
+    /// "uffd-wp", or "hash" (every page read and hashed).
+    pub tracking_backend: String,
 }
 
 fn feature(name: &'static str, enables: &'static str, p: Probe) -> Feature {
@@ -50,7 +53,8 @@ pub fn probe_all() -> Report {
         feature("pid-net-namespaces", "restore --pidns and a group's own network namespace", probe_namespaces()),
         feature("cap-sys-resource", "setting rlimits of other users' processes with prlimit", probe_sys_resource()),
     ];
-    Report { kernel, features }
+    let tracking_backend = crate::track::backend().unwrap_or("hash").to_string();
+    Report { kernel, features, tracking_backend }
 }
 
 pub fn run(json: bool) -> Result<()> {
@@ -65,5 +69,6 @@ pub fn run(json: bool) -> Result<()> {
         println!("{:<w$}  {:<7}  {}", f.name, if f.present { "present" } else { "absent" }, f.detail);
         println!("{:<w$}  {:<7}  enables: {}", "", "", f.enables);
     }
+    println!("incremental dumps track dirty pages with: {}", r.tracking_backend);
     Ok(())
 }
