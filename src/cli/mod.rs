@@ -101,6 +101,53 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write an image as a standalone copy that needs no parent.
+    ///
+    /// The copy has the image's records and page maps unchanged, a page
+    /// store of its own holding exactly the pages they use (read through the
+    /// chain of parents, each checked against its hash), and no parent. It
+    /// keeps the image's id: a later dump against the original may name the
+    /// copy as its --prev-images-dir. Works on standalone images too (a copy
+    /// with a minimal store).
+    Merge {
+        /// Image directory (usually an incremental one).
+        dir: PathBuf,
+        /// New image directory (must not exist, or be empty; removed again on failure).
+        #[arg(short = 'o', long, value_name = "OUT")]
+        output: PathBuf,
+        /// Compress the new page pack with zstd.
+        #[arg(long)]
+        compress: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove old images from a directory of checkpoints, never breaking the ones left.
+    ///
+    /// The images are the subdirectories of ROOT holding inventory.json
+    /// (others, e.g. a dump being written, are skipped and listed). With
+    /// --keep N the newest N (by creation time, then name) stay; a kept
+    /// image whose parent goes is first rewritten in place as standalone,
+    /// and every kept image is checked before anything is deleted. With
+    /// --remove, exactly the named images go, and the command refuses if an
+    /// image left needs one of them as a parent.
+    ///
+    /// Examples:  snap image prune /ckpt --keep 3
+    ///            snap image prune /ckpt --remove c1 c2
+    #[command(verbatim_doc_comment, group(clap::ArgGroup::new("what").required(true).args(["keep", "remove"])))]
+    Prune {
+        /// Directory whose subdirectories are images (e.g. the -D of successive dumps).
+        root: PathBuf,
+        /// Keep the newest N images, remove the others (0 removes all).
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// Remove exactly these images (directory names in ROOT; give ROOT first).
+        #[arg(long, value_name = "NAME", num_args = 1..)]
+        remove: Vec<String>,
+        /// Print a JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point: parse, run, print the error chain on failure.
@@ -121,6 +168,12 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Restore(a) => crate::restore::run(&a),
         Cmd::Check { json } => crate::check::run(json).map(|_| 0),
         Cmd::Image { cmd: ImageCmd::Show { dir, json } } => crate::images::show::run(&dir, json).map(|_| 0),
+        Cmd::Image { cmd: ImageCmd::Merge { dir, output, compress, json } } => {
+            crate::images::prune::run_merge(&dir, &output, compress, json).map(|_| 0)
+        }
+        Cmd::Image { cmd: ImageCmd::Prune { root, keep, remove, json } } => {
+            crate::images::prune::run_prune(&root, keep, &remove, json).map(|_| 0)
+        }
         Cmd::TrackHolder { socket } => crate::track::holder::serve(&socket).map(|_| 0),
     }
 }

@@ -98,6 +98,15 @@ fn reserved(name: &str) -> bool {
     [INVENTORY_NAME, PACK_NAME, PACK_ZST_NAME, INDEX_NAME].contains(&name) || name.ends_with(".tmp")
 }
 
+/// True for the page maps of an image: `pagemap-<pid>.bin` (a process's
+/// private memory) and `pagemap-shmem-<id>.bin` (shared anonymous memory).
+/// Tools that must find every page an image uses (merge, prune, show) go
+/// by this name rule rather than by the records, so they need not know
+/// every record type.
+pub fn is_pagemap_name(name: &str) -> bool {
+    name.starts_with("pagemap-") && name.ends_with(".bin")
+}
+
 /// Encode a page map: sorted by address, strictly increasing, page-aligned.
 pub fn encode_pagemap(entries: &[(u64, PageHash)]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(entries.len() * PAGEMAP_ENTRY_SIZE);

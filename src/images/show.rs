@@ -1,8 +1,10 @@
 //! `snap image show`: what an image holds.
-use super::dir::ImageReader;
+use super::dir::{is_pagemap_name, ImageReader};
+use super::pagestore::{BuildPageHasher, PageHash};
 use super::records::ProcessImage;
 use anyhow::Result;
 use serde::Serialize;
+use std::collections::HashSet;
 use std::path::Path;
 
 #[derive(Serialize)]
@@ -28,6 +30,27 @@ struct StoreSummary {
     compression: String,
 }
 
+/// One image of the parent chain.
+#[derive(Serialize)]
+struct ChainLink {
+    /// Its directory, as reached from this image (parent paths joined).
+    dir: String,
+    id: String,
+    memory_backend: String,
+}
+
+/// Where the pages the page maps use are: an incremental image stores
+/// only what changed and takes the rest from its parents.
+#[derive(Serialize)]
+struct PageRefs {
+    /// Distinct pages used by the page maps.
+    referenced: usize,
+    /// Of those, in this image's own store.
+    stored_here: usize,
+    /// Of those, found only in a parent's store.
+    from_parents: usize,
+}
+
 #[derive(Serialize)]
 struct Summary {
     dir: String,
@@ -37,7 +60,15 @@ struct Summary {
     created_unix: u64,
     roots: Vec<i32>,
     features: Vec<String>,
+    id: String,
+    /// Parent directory as the inventory gives it (relative to this image).
     parent: Option<String>,
+    parent_id: Option<String>,
+    /// How the dump read the memory: "full", "hash", "uffd-wp", "soft-dirty".
+    memory_backend: String,
+    /// The parents, nearest first (empty for a standalone image).
+    chain: Vec<ChainLink>,
+    pages: PageRefs,
     processes: Vec<ProcSummary>,
     page_store: StoreSummary,
     files: usize,
@@ -90,6 +121,14 @@ fn summarize(dir: &Path) -> Result<Summary> {
         }
         processes.push(s);
     }
+    let pages = page_refs(&r)?;
+    let mut chain = Vec::new();
+    let mut p = r.parent();
+    while let Some(a) = p {
+        let ai = a.inventory();
+        chain.push(ChainLink { dir: a.dir().display().to_string(), id: ai.id.clone(), memory_backend: ai.memory_backend.clone() });
+        p = a.parent();
+    }
     let m = r.manifest();
     let pack = m.files.iter().find(|f| f.name == m.page_store.pack).map_or(0, |f| f.size);
     Ok(Summary {
@@ -100,7 +139,12 @@ fn summarize(dir: &Path) -> Result<Summary> {
         created_unix: inv.created_unix,
         roots: inv.roots.clone(),
         features: inv.features.clone(),
+        id: inv.id.clone(),
         parent: inv.parent.clone(),
+        parent_id: inv.parent_id.clone(),
+        memory_backend: inv.memory_backend.clone(),
+        chain,
+        pages,
         processes,
         page_store: StoreSummary {
             distinct_pages: store.len(),
@@ -113,8 +157,19 @@ fn summarize(dir: &Path) -> Result<Summary> {
     })
 }
 
+/// Count the distinct pages of every page map and where they are stored.
+fn page_refs(r: &ImageReader) -> Result<PageRefs> {
+    let mut seen: HashSet<PageHash, BuildPageHasher> = HashSet::default();
+    for f in r.manifest().files.iter().filter(|f| is_pagemap_name(&f.name)) {
+        seen.extend(r.pagemap(&f.name)?.into_iter().map(|(_, h)| h));
+    }
+    let own = r.own_pages();
+    let stored_here = seen.iter().filter(|&&h| own.contains(h)).count();
+    Ok(PageRefs { referenced: seen.len(), stored_here, from_parents: seen.len() - stored_here })
+}
+
 /// Human form of a byte count.
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
@@ -164,8 +219,26 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
     if !s.features.is_empty() {
         println!("features       {}", s.features.join(" "));
     }
-    if let Some(p) = &s.parent {
-        println!("parent         {p}");
+    if !s.id.is_empty() {
+        println!("id             {}", s.id);
+    }
+    if !s.memory_backend.is_empty() {
+        println!("memory read    {}", s.memory_backend);
+    }
+    match &s.parent {
+        Some(p) => {
+            println!("parent         {p} (id {})", s.parent_id.as_deref().unwrap_or("?"));
+            let dirs: Vec<&str> = s.chain.iter().map(|c| c.dir.as_str()).collect();
+            println!("chain          {} parent{}: {}", dirs.len(), if dirs.len() == 1 { "" } else { "s" }, dirs.join(" <- "));
+            println!(
+                "pages          {} used: {} stored here, {} from parents",
+                s.pages.referenced, s.pages.stored_here, s.pages.from_parents
+            );
+        }
+        None => {
+            println!("parent         none (standalone)");
+            println!("pages          {} used, all stored here", s.pages.referenced);
+        }
     }
     println!(
         "page store     {} distinct pages ({}), {} stored, compression {}",
