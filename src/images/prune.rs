@@ -9,7 +9,7 @@
 //! and crash-safely, each kept image whose parent is about to go, then
 //! checks every kept image before it deletes anything.
 
-use super::dir::{is_pagemap_name, ImageReader, ImageWriter, INVENTORY_NAME, MAX_CHAIN};
+use super::dir::{is_pagemap_name, ImageReader, ImageWriter, INHERIT_SUFFIX, INVENTORY_NAME, MAX_CHAIN};
 use super::pagestore::{BuildPageHasher, ChainStore, PageHash, PageStoreWriter, PAGE_SIZE};
 use super::records::Inventory;
 use anyhow::{bail, ensure, Context, Result};
@@ -70,7 +70,8 @@ pub fn merge(dir: &Path, out: &Path, compress: bool) -> Result<MergeReport> {
 }
 
 /// Write `img` as a standalone image at `out`: every file of its manifest
-/// but the page store copied byte for byte, a new store holding exactly the
+/// but the page store copied byte for byte (page maps complete, with what
+/// they inherit from the parent merged in; no `.from-parent` files), a new store holding exactly the
 /// pages its page maps use plus `extra` (pages other images will need from
 /// it), and its inventory without `parent` and `parent_id` (the `id` stays:
 /// same content, so a child dumped against `img` may use `out` as parent).
@@ -126,11 +127,17 @@ fn write_merged(img: &ImageReader, extra: &[PageHash], mut w: ImageWriter, out: 
     prog.finish();
     let mut files_copied = 0;
     for f in &m.files {
-        if f.name == m.page_store.pack || f.name == m.page_store.index {
+        if f.name == m.page_store.pack || f.name == m.page_store.index || f.name.ends_with(INHERIT_SUFFIX) {
             continue;
         }
-        let b = img.read_bytes(&f.name)?;
-        w.write_bytes(&f.name, &b).with_context(|| format!("writing {} into {}", f.name, out.display()))?;
+        let ctx = || format!("writing {} into {}", f.name, out.display());
+        if is_pagemap_name(&f.name) {
+            // Complete: with the entries an incremental image takes from
+            // its parent merged in.
+            w.write_pagemap(&f.name, &img.pagemap(&f.name)?).with_context(ctx)?;
+        } else {
+            w.write_bytes(&f.name, &img.read_bytes(&f.name)?).with_context(ctx)?;
+        }
         files_copied += 1;
     }
     let mut inv = img.inventory().clone();
