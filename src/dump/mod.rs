@@ -83,8 +83,11 @@ pub struct DumpOutcome {
 /// themselves (`snap run`'s supervisor).
 pub fn run_with(a: &DumpArgs, held: Option<TrackSet>) -> Result<DumpOutcome> {
     let existed = a.dir.exists();
+    // A directory that already holds something is refused by the writer;
+    // its files are the user's, never cleaned up here.
+    let ours = !existed || std::fs::read_dir(&a.dir).is_ok_and(|mut rd| rd.next().is_none());
     let r = dump(a, held);
-    if r.is_err() {
+    if r.is_err() && ours {
         // Never leave a half-written image behind: it would only mislead.
         remove_partial(&a.dir, existed);
     }
