@@ -7,11 +7,13 @@
 //! - `parasite` remote system calls and the injected blob
 //! - `images`   the image format: records, page store, loader
 //! - `kinds`    one module per kind of file descriptor, dump and restore side by side
+//! - `group`    application groups: `snap run` supervisor, `join`, `ps`
 //! - `sys`      thin system-call wrappers (the only `unsafe` outside the parasite)
 
 pub mod check;
 pub mod cli;
 pub mod dump;
+pub mod group;
 pub mod images;
 pub mod kinds;
 pub mod parasite;

@@ -36,16 +36,75 @@ pub enum Cmd {
     /// Internal: holds dirty tracking between two dumps (started by dump).
     #[command(name = "__track-holder", hide = true)]
     TrackHolder { socket: PathBuf },
+    /// Start a program as an application group: its own cgroup, and a
+    /// supervisor that checkpoints it (on a schedule, or when asked with
+    /// `snap dump --group`) and holds its dirty tracking between dumps.
+    Run(RunArgs),
+    /// Start an independent program inside a running group (like cgexec):
+    /// it keeps the caller's stdio and parent, and later checkpoints include it.
+    Join {
+        /// The group's name (see `snap ps`).
+        name: String,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "PROGRAM")]
+        program: Vec<String>,
+    },
+    /// List the groups started with `snap run`, their members and checkpoints.
+    Ps {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: the detached supervisor of `snap run -d` (its arguments as JSON).
+    #[command(name = "__supervise", hide = true)]
+    Supervise { spec: String },
+}
+
+/// `snap run`: see docs/groups.md.
+#[derive(clap::Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunArgs {
+    /// Name of the group (default: the program's name, with a number added
+    /// if a group of that name runs).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Take a checkpoint this often (e.g. 30s, 500ms, 2m, 1h); without it,
+    /// only when asked (`snap dump --group NAME`).
+    #[arg(long, value_name = "DURATION", value_parser = crate::group::parse_duration)]
+    pub checkpoint_every: Option<std::time::Duration>,
+    /// Keep this many checkpoints under the images root; older ones are
+    /// pruned after each checkpoint.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: u64,
+    /// Where checkpoints go, one numbered directory each
+    /// (default /var/lib/snap/groups/NAME).
+    #[arg(long, value_name = "DIR")]
+    pub images_root: Option<PathBuf>,
+    /// Run the supervisor in the background and return once the program
+    /// runs; the program's output goes to IMAGES_ROOT/output.log.
+    #[arg(short = 'd', long = "detach")]
+    pub detach: bool,
+    /// With -d: print what was started as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub program: Vec<String>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DumpArgs {
     /// Root of a process tree to dump (repeat for an application group).
-    #[arg(short = 't', long = "tree", required = true)]
+    #[arg(short = 't', long = "tree", required_unless_present = "group")]
     pub tree: Vec<i32>,
-    /// Image directory (created if missing; must be empty).
-    #[arg(short = 'D', long = "images-dir")]
+    /// Image directory (created if missing; must be empty). With --group it
+    /// may be left out: the group's next checkpoint directory.
+    #[arg(short = 'D', long = "images-dir", required_unless_present = "group", default_value = "", hide_default_value = true, value_parser = path_or_empty)]
     pub dir: PathBuf,
+    /// Checkpoint the group NAME started with `snap run`: its supervisor
+    /// dumps it, incrementally against its last checkpoint, and leaves it
+    /// running.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tree", "prev_images_dir"])]
+    pub group: Option<String>,
     /// Resume the processes after the dump instead of killing them.
     #[arg(long)]
     pub leave_running: bool,
@@ -150,6 +209,12 @@ pub enum ImageCmd {
     },
 }
 
+/// `-D`'s parser: clap's own refuses the empty default, which stands for
+/// "not given" (allowed only with `--group`).
+fn path_or_empty(s: &str) -> std::result::Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 /// Entry point: parse, run, print the error chain on failure.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -164,6 +229,8 @@ pub fn main() -> i32 {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Dump(a) if a.group.is_some() => crate::group::dump(&a).map(|_| 0),
+        Cmd::Dump(a) if a.dir.as_os_str().is_empty() => anyhow::bail!("snap dump: -D needs a directory"),
         Cmd::Dump(a) => crate::dump::run(&a).map(|_| 0),
         Cmd::Restore(a) => crate::restore::run(&a),
         Cmd::Check { json } => crate::check::run(json).map(|_| 0),
@@ -175,5 +242,9 @@ fn run(cli: Cli) -> Result<i32> {
             crate::images::prune::run_prune(&root, keep, &remove, json).map(|_| 0)
         }
         Cmd::TrackHolder { socket } => crate::track::holder::serve(&socket).map(|_| 0),
+        Cmd::Run(a) => crate::group::run(a),
+        Cmd::Join { name, program } => crate::group::join(&name, &program),
+        Cmd::Ps { json } => crate::group::ps(json),
+        Cmd::Supervise { spec } => crate::group::supervise_detached(&spec),
     }
 }

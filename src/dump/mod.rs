@@ -82,9 +82,25 @@ pub struct DumpOutcome {
 /// caller (`held`) and returns the one it arms: for callers that hold it
 /// themselves (`snap run`'s supervisor).
 pub fn run_with(a: &DumpArgs, held: Option<TrackSet>) -> Result<DumpOutcome> {
+    run_frozen(a, held, None)
+}
+
+/// Whatever holds the dumped processes still until the dump has seized
+/// them (the frozen cgroup of a group, `group::cgroup::Frozen`), dropped
+/// right after the seize: a task in a frozen cgroup cannot run the
+/// parasite's system calls, while a seized one stays in its ptrace stop
+/// once the cgroup thaws.
+pub type Barrier = Box<dyn std::any::Any>;
+
+/// `run_with` for processes the caller froze: `barrier` is released once
+/// every thread is seized (or when the dump fails before).
+pub fn run_frozen(a: &DumpArgs, held: Option<TrackSet>, barrier: Option<Barrier>) -> Result<DumpOutcome> {
     let existed = a.dir.exists();
-    let r = dump(a, held);
-    if r.is_err() {
+    // A directory that already holds something is refused by the writer;
+    // its files are the user's, never cleaned up here.
+    let ours = !existed || std::fs::read_dir(&a.dir).is_ok_and(|mut rd| rd.next().is_none());
+    let r = dump(a, held, barrier);
+    if r.is_err() && ours {
         // Never leave a half-written image behind: it would only mislead.
         remove_partial(&a.dir, existed);
     }
@@ -101,7 +117,7 @@ fn remove_partial(dir: &std::path::Path, existed: bool) {
     }
 }
 
-fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
+fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> Result<DumpOutcome> {
     let t0 = Instant::now();
     let roots: Vec<Pid> = a.tree.iter().map(|&p| Pid(p)).collect();
     if roots.iter().any(|p| p.0 == std::process::id() as i32) {
@@ -142,6 +158,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>) -> Result<DumpOutcome> {
         roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
     crate::images::dir::timing("dump: parent loaded");
     let mut seized = seize::Seized::trees(&roots)?;
+    // Every thread is held by ptrace now: the caller's freeze can go.
+    drop(barrier);
     let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_dumped(&seized.pids);

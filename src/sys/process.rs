@@ -80,3 +80,36 @@ pub fn own_sigactions() -> Vec<[u64; 4]> {
         })
         .collect()
 }
+
+/// Start `cmd` with its process moved into the cgroup whose `cgroup.procs`
+/// is open (for writing) as `procs` before it execs, so that the program and
+/// everything it starts belong to the cgroup from their first instruction
+/// (moving it after `spawn` returns would race with its first fork). With
+/// `new_session`, the child also calls `setsid` (a detached group's program
+/// is a session of its own, like a daemon).
+pub fn spawn_in_cgroup(
+    cmd: &mut std::process::Command,
+    procs: std::os::fd::BorrowedFd<'_>,
+    new_session: bool,
+) -> std::io::Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = procs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe system calls (setsid, write) on integers and
+    // a static buffer; `fd` stays open until exec (close-on-exec closes it
+    // there) because the parent keeps `procs` borrowed across `spawn`.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session && libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" names the writing process itself.
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

@@ -1,0 +1,604 @@
+//! End-to-end tests of application groups (`snap run`, `snap dump --group`,
+//! `snap join`, `snap ps`; docs/groups.md). Real supervisors, real
+//! programs, real cgroups; every group is torn down by a `GroupGuard`
+//! (supervisor, members, cgroup, state dir) even when a test fails.
+//!
+//! Run with `cargo test --release --test e2e_group -- --test-threads=1`
+//! as root.
+
+#[macro_use]
+mod common;
+use common::*;
+use serde_json::Value;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const STATE_ROOT: &str = "/run/snap/groups";
+
+/// The cgroup2 mount, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn cgroup_of(name: &str) -> PathBuf {
+    cgroup2_mount().expect("cgroup2 mount").join("snap").join(name)
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(name)
+}
+
+/// A name no other test (or earlier run) uses.
+fn unique(tag: &str) -> String {
+    format!("t{}-{tag}", std::process::id())
+}
+
+/// Whether this machine can run groups at all (root, cgroup v2 with a
+/// freezer we may create children in).
+fn groups_supported(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "needs root");
+        return false;
+    }
+    if cgroup2_mount().is_none() {
+        skip(test, "no cgroup2 mount");
+        return false;
+    }
+    true
+}
+
+fn cgroup_members(cg: &Path) -> Vec<i32> {
+    fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|s| s.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Tears a group down: the supervisor (SIGKILL, so it does nothing more),
+/// every member (cgroup.kill), the cgroup and the state directory; reaps
+/// whatever became our child (we are a subreaper).
+struct GroupGuard {
+    name: String,
+    supervisor: i32,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let cg = cgroup_of(&self.name);
+        let mut pids = cgroup_members(&cg);
+        if self.supervisor > 1 && alive(self.supervisor) {
+            kill(self.supervisor, libc::SIGKILL);
+            pids.push(self.supervisor);
+        }
+        if cg.exists() {
+            let _ = fs::write(cg.join("cgroup.freeze"), "0");
+            if fs::write(cg.join("cgroup.kill"), "1").is_err() {
+                for &p in &pids {
+                    kill(p, libc::SIGKILL);
+                }
+            }
+        }
+        if let Err(e) = wait_gone(&pids, secs(20)) {
+            eprintln!("warning: group {} cleanup: {e}", self.name);
+        }
+        if cg.exists() {
+            let t0 = Instant::now();
+            while !cgroup_members(&cg).is_empty() && t0.elapsed() < secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = fs::remove_dir(&cg) {
+                eprintln!("warning: group {}: removing {}: {e}", self.name, cg.display());
+            }
+        }
+        let _ = fs::remove_dir_all(state_dir(&self.name));
+    }
+}
+
+/// `snap run -d --json --name NAME --images-root ROOT EXTRA… -- PROGRAM…`;
+/// returns the guard and the report.
+fn start_group(name: &str, root: &Path, extra: &[&str], program: &[&str]) -> (GroupGuard, Value) {
+    let r = root.to_string_lossy().to_string();
+    let mut args = vec!["run", "-d", "--json", "--name", name, "--images-root", &r];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(program);
+    let run = snap(&args);
+    assert!(run.ok(), "snap run -d failed: {}", run.describe());
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("snap run -d --json printed {:?}: {e}", run.stdout));
+    let sup = v["supervisor_pid"].as_i64().expect("supervisor_pid") as i32;
+    assert_eq!(v["name"], name);
+    assert!(alive(sup), "supervisor {sup} is not running after snap run -d");
+    (GroupGuard { name: name.to_string(), supervisor: sup }, v)
+}
+
+/// `snap ps --json`: the entry of group `name`, if listed.
+fn ps_group(name: &str) -> Option<Value> {
+    let r = snap(&["ps", "--json"]);
+    assert!(r.ok(), "snap ps --json failed: {}", r.describe());
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("snap ps --json printed {:?}: {e}", r.stdout));
+    v["groups"].as_array().expect("groups array").iter().find(|g| g["name"] == name).cloned()
+}
+
+fn member_pids(g: &Value) -> Vec<i32> {
+    g["members"].as_array().map(|a| a.iter().filter_map(|m| m["pid"].as_i64()).map(|p| p as i32).collect()).unwrap_or_default()
+}
+
+/// `snap dump --group NAME [-D DIR] --json`, asserting success.
+fn group_dump(name: &str, dir: Option<&Path>) -> Value {
+    let d = dir.map(|d| d.to_string_lossy().to_string());
+    let mut args = vec!["dump", "--group", name, "--json"];
+    if let Some(d) = &d {
+        args.push("-D");
+        args.push(d);
+    }
+    let r = snap(&args);
+    assert!(r.ok(), "snap dump --group {name} failed: {}", r.describe());
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("dump --json printed {:?}: {e}", r.stdout))
+}
+
+/// The uffd-wp backend as `snap check --json` reports it.
+fn uffd_wp_present() -> bool {
+    let r = snap(&["check", "--json"]);
+    assert!(r.ok(), "snap check failed: {}", r.describe());
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    v["features"].as_array().unwrap().iter().any(|f| f["name"] == "uffd-wp-async-pagemap-scan" && f["present"] == true)
+}
+
+fn proc_memory(summary: &Value, pid: i32) -> String {
+    summary["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("pid {pid} not in the dump's processes: {summary}"))["memory"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Numbered image directories under `root`.
+fn image_dirs(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn counter_script(file: &Path) -> String {
+    format!("i=0; while :; do echo $i >> {}; i=$((i+1)); sleep 0.05; done", file.display())
+}
+
+/// Python counter appended line by line to `file`.
+fn py_counter(file: &Path) -> String {
+    format!(
+        "import time\nn = 0\nwhile True:\n    with open({:?}, 'a') as f:\n        f.write('%d\\n' % n)\n    n += 1\n    time.sleep(0.05)\n",
+        file.display().to_string()
+    )
+}
+
+/// Wait until the supervisor (our child since `snap run -d` exited: we are
+/// a subreaper) has exited, and return its exit code.
+fn wait_supervisor_exit(sup: i32, timeout: Duration) -> i32 {
+    wait_for(&format!("supervisor {sup} to exit"), timeout, || {
+        let st = try_reap(sup)?;
+        assert!(libc::WIFEXITED(st), "supervisor {sup} did not exit normally (raw status {st:#x})");
+        Some(libc::WEXITSTATUS(st))
+    })
+}
+
+// ------------------------------------------------------------------ (a)
+
+/// A group checkpoints on schedule, keeps only --keep checkpoints, and
+/// `snap ps --json` lists it with its members.
+#[test]
+fn scheduled_checkpoints_are_pruned_and_listed() {
+    let test = "scheduled_checkpoints_are_pruned_and_listed";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-sched");
+    let name = unique("sched");
+    let root = t.join("imgs");
+    let file = t.join("counter");
+    let script = counter_script(&file);
+    let (g, v) = start_group(&name, &root, &["--checkpoint-every", "1s", "--keep", "3"], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    assert_eq!(ppid(program), Some(g.supervisor), "the program's parent is not the supervisor");
+    let cg = cgroup_of(&name);
+    assert!(cgroup_members(&cg).contains(&program), "program {program} not in {}", cg.display());
+    wait_counter_past(&file, 0, 5, secs(30));
+
+    // At least 4 checkpoints, with the images root read at a moment no
+    // checkpoint was running (same count and none in progress before and
+    // after listing).
+    let (ps, dirs) = wait_for("4 checkpoints, seen between two checkpoints", secs(90), || {
+        let a = ps_group(&name)?;
+        if a["checkpoints"].as_u64()? < 4 || !a["checkpointing"].is_null() {
+            return None;
+        }
+        let dirs = image_dirs(&root);
+        let b = ps_group(&name)?;
+        (b["checkpoints"] == a["checkpoints"] && b["checkpointing"].is_null()).then_some((b, dirs))
+    });
+    assert_eq!(ps["state"], "running");
+    assert_eq!(ps["supervisor_pid"], g.supervisor);
+    assert_eq!(ps["interval_ms"], 1000);
+    assert_eq!(ps["images_root"], root.to_string_lossy().as_ref());
+    assert_eq!(ps["cgroup"], cg.to_string_lossy().as_ref());
+    let last = ps["last_checkpoint"]["dir"].as_str().expect("last checkpoint dir").to_string();
+    assert!(last.starts_with(root.to_string_lossy().as_ref()), "last checkpoint {last} not under {}", root.display());
+    assert_eq!(dirs.len(), 3, "--keep 3 after {} checkpoints, but the images root holds {dirs:?} (last error: {})", ps["checkpoints"], ps["last_error"]);
+    assert_eq!(Path::new(&last).file_name().unwrap().to_string_lossy(), *dirs.last().unwrap(), "the newest checkpoint was not kept");
+    // Members: the program (parent: the supervisor), with its comm.
+    let m = ps["members"].as_array().expect("members");
+    let me = m.iter().find(|x| x["pid"] == program).unwrap_or_else(|| panic!("program {program} not among members {m:?}"));
+    assert_eq!(me["ppid"], g.supervisor);
+    assert_eq!(me["comm"], "bash");
+    // The counter kept running through every checkpoint.
+    let n = last_number(&file).unwrap();
+    wait_counter_past(&file, n, 5, secs(30));
+    assert_consecutive(&numbers(&file), "counter across scheduled checkpoints");
+    drop(g);
+}
+
+// ------------------------------------------------------------------ (b)
+
+/// `snap dump --group` checkpoints on demand, incrementally against the
+/// group's last checkpoint, and supervisor errors are snap errors.
+#[test]
+fn dump_group_is_incremental() {
+    let test = "dump_group_is_incremental";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-dump");
+    let name = unique("dump");
+    let root = t.join("imgs");
+    let file = t.join("counter");
+    let script = counter_script(&file);
+    let (g, v) = start_group(&name, &root, &[], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&file, 0, 5, secs(30));
+    let freezer = cgroup_of(&name).join("cgroup.freeze").exists();
+
+    let d1 = t.join("d1");
+    let s1 = group_dump(&name, Some(&d1));
+    assert_eq!(s1["backend"], "full", "the group's first checkpoint must be full: {s1}");
+    assert!(s1["parent"].is_null());
+    assert!(d1.join("inventory.json").exists());
+    assert!(s1["pids"].as_array().unwrap().contains(&program.into()), "program {program} not dumped: {s1}");
+    assert_eq!(s1["roots"][0], program, "the program is not the first root: {s1}");
+    assert_eq!(s1["left_running"], true);
+    if freezer {
+        assert_eq!(s1["frozen"], true, "the cgroup has cgroup.freeze but the dump did not freeze it: {s1}");
+    }
+    let n = last_number(&file).unwrap();
+    wait_counter_past(&file, n, 3, secs(30));
+
+    let d2 = t.join("d2");
+    let s2 = group_dump(&name, Some(&d2));
+    assert_eq!(s2["parent"], d1.to_string_lossy().as_ref(), "not incremental against the last checkpoint: {s2}");
+    let inv: Value = serde_json::from_slice(&fs::read(d2.join("inventory.json")).unwrap()).unwrap();
+    assert!(inv["parent"].is_string(), "inventory names no parent: {inv}");
+    if uffd_wp_present() {
+        assert_eq!(s2["backend"], "uffd-wp", "{s2}");
+        assert_eq!(proc_memory(&s2, program), "tracked", "{s2}");
+        assert!(s2["pages_reused"].as_u64().unwrap() > 0, "nothing reused from the parent: {s2}");
+        assert!(s2["pages_read"].as_u64().unwrap() < s2["pages_present"].as_u64().unwrap(), "{s2}");
+    } else {
+        assert_eq!(s2["backend"], "hash", "{s2}");
+        skip(test, "uffd-wp + PAGEMAP_SCAN absent (snap check): tracked-memory assertion skipped");
+    }
+
+    // Without -D: the next numbered directory under the images root, with
+    // the on-demand one as parent.
+    let s3 = group_dump(&name, None);
+    let d3 = PathBuf::from(s3["images_dir"].as_str().unwrap());
+    assert_eq!(d3.parent(), Some(root.as_path()), "{s3}");
+    assert_eq!(s3["parent"], d2.to_string_lossy().as_ref(), "{s3}");
+    let ps = ps_group(&name).expect("group listed");
+    assert_eq!(ps["checkpoints"], 3);
+    assert_eq!(ps["last_checkpoint"]["dir"], d3.to_string_lossy().as_ref());
+
+    // The supervisor's error is a snap error; the user's files stay.
+    let busy = t.sub("busy");
+    fs::write(busy.join("keep-me"), "x").unwrap();
+    let r = snap(&["dump", "--group", &name, "-D", &busy.to_string_lossy(), "--json"]);
+    assert!(!r.ok(), "dump into a non-empty directory succeeded: {}", r.describe());
+    assert!(r.stderr.contains("snap: error:") && r.stderr.contains(&name) && r.stderr.contains("not empty"), "{}", r.describe());
+    assert!(r.stdout.trim().is_empty(), "{}", r.describe());
+    assert_eq!(fs::read_to_string(busy.join("keep-me")).unwrap(), "x", "a failed dump touched the user's file");
+    // And the group is still fine: the next checkpoint works.
+    let s4 = group_dump(&name, None);
+    assert_eq!(s4["parent"], d3.to_string_lossy().as_ref(), "{s4}");
+    let r = snap(&["dump", "--group", "no-such-group-here", "--json"]);
+    assert!(!r.ok() && r.stderr.contains("no such group"), "{}", r.describe());
+    assert_consecutive(&numbers(&file), "counter across on-demand checkpoints");
+    drop(g);
+}
+
+// ------------------------------------------------------------------ (c)
+
+/// A program started with `snap join` is a member, an extra root of the
+/// next checkpoint, read in full there, while the original is tracked.
+#[test]
+fn joined_program_is_in_next_checkpoint() {
+    let test = "joined_program_is_in_next_checkpoint";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-join");
+    let r = Reaper::new();
+    let name = unique("join");
+    let root = t.join("imgs");
+    let (fa, fb) = (t.join("a"), t.join("b"));
+    let script = counter_script(&fa);
+    let (g, v) = start_group(&name, &root, &[], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&fa, 0, 5, secs(30));
+    let s1 = group_dump(&name, None);
+    assert_eq!(s1["backend"], "full");
+
+    let joined = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(py_counter(&fb)), &t.join("join.log"));
+    wait_counter_past(&fb, 0, 5, secs(30));
+    // `snap join` exec'd the program: same pid, now python, in the cgroup,
+    // still the child of whoever ran snap join (us).
+    assert!(fs::read_link(format!("/proc/{joined}/exe")).unwrap().to_string_lossy().contains("python"), "pid {joined} is not python");
+    assert!(cgroup_members(&cgroup_of(&name)).contains(&joined), "joined pid {joined} not in the group's cgroup");
+    assert_eq!(ppid(joined), Some(std::process::id() as i32));
+    let ps = ps_group(&name).unwrap();
+    assert!(member_pids(&ps).contains(&joined), "ps does not list the joined pid {joined}: {ps}");
+
+    let s2 = group_dump(&name, None);
+    let d2 = PathBuf::from(s2["images_dir"].as_str().unwrap());
+    let inv: Value = serde_json::from_slice(&fs::read(d2.join("inventory.json")).unwrap()).unwrap();
+    let pids: Vec<i64> = inv["pids"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+    assert!(pids.contains(&(joined as i64)), "joined pid {joined} not in the inventory's pids {pids:?}");
+    assert!(pids.contains(&(program as i64)));
+    let roots: Vec<i64> = inv["roots"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+    assert_eq!(roots.first(), Some(&(program as i64)), "the program is not the first root: {roots:?}");
+    assert!(roots.contains(&(joined as i64)), "the joined program is not a root: {roots:?}");
+    let jm = proc_memory(&s2, joined);
+    assert!(jm == "full" || jm == "hashed", "joined program's memory was {jm:?}, not read in full: {s2}");
+    if uffd_wp_present() {
+        assert_eq!(proc_memory(&s2, program), "tracked", "{s2}");
+        // One more: now the joined program is tracked too.
+        let s3 = group_dump(&name, None);
+        assert_eq!(proc_memory(&s3, joined), "tracked", "{s3}");
+        assert_eq!(proc_memory(&s3, program), "tracked", "{s3}");
+    } else {
+        skip(test, "uffd-wp + PAGEMAP_SCAN absent (snap check): tracked-memory assertions skipped");
+    }
+
+    // Joining a group that does not exist fails before running anything.
+    let out = t.join("should-not-exist");
+    let rr = snap(&["join", "no-such-group-here", "--", "touch", &out.to_string_lossy()]);
+    assert!(!rr.ok() && rr.stderr.contains("no such group"), "{}", rr.describe());
+    assert!(!out.exists(), "snap join ran the program without a group");
+    drop(g);
+    drop(r);
+}
+
+// ------------------------------------------------------------------ (d)
+
+/// SIGTERM ends the group (members killed, cgroup and state dir removed);
+/// its last checkpoint restores both programs with their PIDs, and their
+/// counters go on from the checkpoint.
+#[test]
+fn stopped_group_restores_from_last_checkpoint() {
+    let test = "stopped_group_restores_from_last_checkpoint";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-restore");
+    let r = Reaper::new();
+    let name = unique("restore");
+    let root = t.join("imgs");
+    let (fa, fb) = (t.join("a"), t.join("b"));
+    let script = counter_script(&fa);
+    let (g, v) = start_group(&name, &root, &[], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&fa, 0, 5, secs(30));
+    group_dump(&name, None);
+    let joined = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(py_counter(&fb)), &t.join("join.log"));
+    wait_counter_past(&fb, 0, 5, secs(30));
+    let (a0, b0) = (last_number(&fa).unwrap(), last_number(&fb).unwrap());
+    let s = group_dump(&name, None);
+    let last = PathBuf::from(s["images_dir"].as_str().unwrap());
+    // Some progress after the checkpoint, to be sure the restore goes back.
+    wait_counter_past(&fa, a0, 10, secs(30));
+    wait_counter_past(&fb, b0, 10, secs(30));
+
+    let cg = cgroup_of(&name);
+    let members = cgroup_members(&cg);
+    assert!(kill(g.supervisor, libc::SIGTERM));
+    let code = wait_supervisor_exit(g.supervisor, secs(30));
+    assert_eq!(code, 128 + libc::SIGTERM, "supervisor's exit code after SIGTERM");
+    wait_gone(&members, secs(20)).expect("members still there after the supervisor's SIGTERM cleanup");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    assert!(!state_dir(&name).exists(), "state dir left behind");
+    let (la, lb) = (numbers(&fa).len(), numbers(&fb).len());
+    let (ka, kb) = (last_number(&fa).unwrap(), last_number(&fb).unwrap());
+
+    restore_ok(&last, &r, &[program, joined]);
+    assert!(fs::read_link(format!("/proc/{joined}/exe")).unwrap().to_string_lossy().contains("python"));
+    wait_counter_past(&fa, ka, 10, secs(30));
+    wait_counter_past(&fb, kb, 10, secs(30));
+    // What was written after the restore continues from the checkpoint:
+    // consecutive, starting past the value read just before it.
+    for (f, len, before, what) in [(&fa, la, a0, "bash"), (&fb, lb, b0, "python")] {
+        let nums = numbers(f);
+        let after = &nums[len..];
+        assert!(after[0] > before && after[0] <= nums[len - 1] + 1, "{what}: restored counter starts at {} (before checkpoint {before}, at kill {})", after[0], nums[len - 1]);
+        assert_consecutive(after, &format!("{what} counter after restore"));
+    }
+    drop(g);
+    drop(r);
+}
+
+// ------------------------------------------------------------------ (e)
+
+/// The supervisor stays while any member runs, exits with the program's
+/// status when the last one is gone, and removes its cgroup and state dir.
+#[test]
+fn supervisor_exits_with_program_and_cleans_up() {
+    let test = "supervisor_exits_with_program_and_cleans_up";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-exit");
+    let name = unique("exit");
+    let root = t.join("imgs");
+    let (f1, f2) = (t.join("f1"), t.join("f2"));
+    // A background child outlives the program (exit 5).
+    let script = format!(
+        "(while [ ! -e {f2} ]; do sleep 0.05; done) & while [ ! -e {f1} ]; do sleep 0.05; done; exit 5",
+        f1 = f1.display(),
+        f2 = f2.display()
+    );
+    let (g, v) = start_group(&name, &root, &["--checkpoint-every", "500ms"], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    let cg = cgroup_of(&name);
+    assert!(cg.is_dir() && state_dir(&name).join("control.sock").exists() && state_dir(&name).join("info.json").exists());
+    wait_for("a checkpoint", secs(30), || (ps_group(&name)?["checkpoints"].as_u64()? >= 1).then_some(()));
+    fs::write(&f1, "").unwrap();
+    let ps = wait_for("the program's exit in ps", secs(30), || {
+        let p = ps_group(&name)?;
+        (p["program_exit"] == 5).then_some(p)
+    });
+    assert!(!alive(program) || proc_state(program) == Some('Z'));
+    assert!(!member_pids(&ps).is_empty(), "no member left, yet the supervisor runs: {ps}");
+    assert!(try_reap(g.supervisor).is_none() && alive(g.supervisor), "the supervisor left while a member runs");
+    fs::write(&f2, "").unwrap();
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(30)), 5, "supervisor's exit code is not the program's");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    assert!(!state_dir(&name).exists(), "state dir left behind");
+    assert!(ps_group(&name).is_none(), "snap ps still lists the group");
+
+    // In the foreground: snap run is the supervisor and exits with the
+    // program's status (and a signal's as 128+N).
+    let fg = unique("fg");
+    let r1 = snap(&["run", "--name", &fg, "--images-root", &root.to_string_lossy(), "--", "bash", "-c", "exit 7"]);
+    assert_eq!(r1.status.code(), Some(7), "{}", r1.describe());
+    let r2 = snap(&["run", "--name", &fg, "--images-root", &root.to_string_lossy(), "--", "bash", "-c", "kill -9 $$"]);
+    assert_eq!(r2.status.code(), Some(128 + 9), "{}", r2.describe());
+    assert!(!cgroup_of(&fg).exists() && !state_dir(&fg).exists(), "foreground group left its cgroup or state dir");
+    drop(GroupGuard { name: fg, supervisor: 0 });
+    drop(g);
+}
+
+// ------------------------------------------------------------------ (f)
+
+/// A group whose supervisor died is reported dead with its stale state
+/// dir; its name is not reused silently.
+#[test]
+fn ps_reports_dead_supervisor() {
+    let test = "ps_reports_dead_supervisor";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-dead");
+    let name = unique("dead");
+    let root = t.join("imgs");
+    let (g, _) = start_group(&name, &root, &[], &["sleep", "1000"]);
+    let again = snap(&["run", "-d", "--name", &name, "--images-root", &root.to_string_lossy(), "--", "sleep", "1000"]);
+    assert!(!again.ok() && again.stderr.contains("exists"), "a second group of the same name: {}", again.describe());
+    assert!(kill(g.supervisor, libc::SIGKILL));
+    wait_supervisor_exit_signaled(g.supervisor);
+    let ps = ps_group(&name).expect("dead group listed");
+    assert_eq!(ps["state"], "dead", "{ps}");
+    assert_eq!(ps["stale_state_dir"], state_dir(&name).to_string_lossy().as_ref(), "{ps}");
+    assert_eq!(ps["supervisor_pid"], g.supervisor);
+    let r = snap(&["dump", "--group", &name]);
+    assert!(!r.ok() && r.stderr.contains("snap: error:"), "{}", r.describe());
+    drop(g);
+}
+
+fn wait_supervisor_exit_signaled(sup: i32) {
+    wait_for(&format!("supervisor {sup} to die"), secs(30), || try_reap(sup).map(|_| ()));
+}
+
+// ------------------------------------------------------------------ (g)
+
+/// A checkpoint that fails (a member holds a TCP listener, refused) leaves
+/// the group running, thawed and untraced, and the next one works against
+/// the last good checkpoint.
+#[test]
+fn failed_checkpoint_leaves_group_running() {
+    let test = "failed_checkpoint_leaves_group_running";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-fail");
+    let r = Reaper::new();
+    let name = unique("fail");
+    let root = t.join("imgs");
+    let file = t.join("counter");
+    let script = counter_script(&file);
+    let (g, v) = start_group(&name, &root, &[], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&file, 0, 5, secs(30));
+    let good = group_dump(&name, None);
+    let st = t.sub("py");
+    let listener = spawn(
+        &r,
+        Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(format!(
+            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\nopen({:?}, 'w').write('ok')\ntime.sleep(1000)\n",
+            st.join("ready").display().to_string()
+        )),
+        &t.join("join.log"),
+    );
+    wait_ready(&st, listener, secs(30));
+
+    let res = snap(&["dump", "--group", &name, "--json"]);
+    assert!(!res.ok(), "a dump of a TCP listener succeeded: {}", res.describe());
+    assert!(res.stderr.contains("snap: error:") && res.stderr.contains(&listener.to_string()), "error does not name the process: {}", res.describe());
+    let cg = cgroup_of(&name);
+    if cg.join("cgroup.freeze").exists() {
+        assert_eq!(fs::read_to_string(cg.join("cgroup.freeze")).unwrap().trim(), "0", "cgroup left frozen");
+        assert!(fs::read_to_string(cg.join("cgroup.events")).unwrap().contains("frozen 0"), "cgroup left frozen");
+    }
+    for p in cgroup_members(&cg) {
+        assert_eq!(status_field(p, "TracerPid").as_deref(), Some("0"), "pid {p} still traced after the failed checkpoint");
+    }
+    let n = last_number(&file).unwrap();
+    wait_counter_past(&file, n, 5, secs(30));
+    let ps = ps_group(&name).unwrap();
+    assert!(ps["last_error"].as_str().is_some_and(|e| e.contains(&listener.to_string())), "ps shows no error: {ps}");
+    assert_eq!(ps["checkpoints"], 1);
+
+    kill(listener, libc::SIGKILL);
+    wait_gone(&[listener], secs(20)).unwrap();
+    let next = group_dump(&name, None);
+    assert_eq!(next["parent"], good["images_dir"], "not against the last good checkpoint: {next}");
+    assert!(next["pids"].as_array().unwrap().contains(&program.into()));
+    assert_consecutive(&numbers(&file), "counter across a failed checkpoint");
+    drop(g);
+    drop(r);
+}
