@@ -204,7 +204,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             // exec'd since: a new address space the old uffd knows nothing of.
             trk = None;
         }
-        let unchanged = match (&trk, &prev, &held) {
+        let dirt = match (&trk, &prev, &held) {
             (Some(_), Some(_), Some(h)) => Some(track::dirt(pid, &h.backend)?),
             _ => None,
         };
@@ -243,17 +243,16 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             let mut ranges = mm::dump_ranges(pid, vma)?;
             counts.present += ranges.iter().map(|r| (r.1 / PAGE_SIZE) as u64).sum::<u64>();
             let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
-            if let (Some(u), Some((_, pmap)), false) = (&unchanged, &prev, shared) {
+            if let (Some(d), Some((_, pmap)), false) = (&dirt, &prev, shared) {
                 // Shared memory is always read: writes through a file or
                 // another process's mapping pass no page table of this one.
-                let n = inherit.iter().map(|r| r.1).sum::<usize>();
-                ranges = track::split(&ranges, u, pmap, &mut parent_at, &mut inherit);
-                counts.reused += ((inherit.iter().map(|r| r.1).sum::<usize>() - n) / PAGE_SIZE) as u64;
+                ranges = track::split(&ranges, d, pmap, &mut parent_at, &mut inherit);
             }
             if !ranges.is_empty() {
                 plan.push((vma, ranges));
             }
         }
+        counts.reused += (inherit.iter().map(|r| r.1).sum::<usize>() / PAGE_SIZE) as u64;
         crate::images::dir::timing("dump: page ranges listed");
         let bytes: usize = plan.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
         total_pages += (bytes / PAGE_SIZE) as u64;
@@ -300,7 +299,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         total_pages += counts.reused - before.2;
         counts.per_process.push(serde_json::json!({
             "pid": pid.0,
-            "memory": if unchanged.is_some() { "tracked" } else if prev.is_some() { "hashed" } else { "full" },
+            "memory": if dirt.is_some() { "tracked" } else if prev.is_some() { "hashed" } else { "full" },
             "pages_present": counts.present - before.0,
             "pages_read": counts.read - before.1,
             "pages_reused": counts.reused - before.2,
