@@ -246,34 +246,32 @@ pub fn runs_from_entries(
     }
 }
 
+/// The pagemap of a process, opened once for all its mappings.
+pub fn open_pagemap(pid: Pid) -> Result<File> {
+    let path = format!("/proc/{}/pagemap", pid.0);
+    File::open(&path).with_context(|| format!("{pid}: opening {path}"))
+}
+
 /// Maximal runs `(address, length in bytes)` of pages of `vma` that must be
 /// saved. Private anonymous memory: present or swapped pages; private file
 /// mappings: their copy-on-write pages; shared anonymous memory: its pages
 /// as seen by this process (call it for any process mapping the object);
-/// [vdso]/[vvar]/[vsyscall] and shared file mappings: none.
-pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
+/// [vdso]/[vvar]/[vsyscall] and shared file mappings: none. `pm` is the
+/// process's pagemap ([`open_pagemap`]).
+pub fn dump_ranges(pid: Pid, pm: &File, vma: &Vma) -> Result<Vec<(u64, usize)>> {
     let Some(keep) = page_filter(vma) else {
         return Ok(Vec::new());
     };
-    let path = format!("/proc/{}/pagemap", pid.0);
-    let ctx = || format!("{pid}: {path} for {:#x}-{:#x}", vma.start, vma.end);
-    let f = File::open(&path).with_context(ctx)?;
-    let pages = ((vma.end - vma.start) / PAGE_SIZE as u64) as usize;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; PAGEMAP_CHUNK.min(pages.max(1)) * 8];
-    let mut done = 0usize;
-    while done < pages {
-        let n = PAGEMAP_CHUNK.min(pages - done);
-        let addr = vma.start + (done * PAGE_SIZE) as u64;
-        let bytes = &mut buf[..n * 8];
-        f.read_exact_at(bytes, addr / PAGE_SIZE as u64 * 8).with_context(ctx)?;
-        let entries: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
-        runs_from_entries(addr, &entries, keep, &mut out);
-        done += n;
-    }
+    let ctx = || format!("{pid}: /proc/{}/pagemap for {:#x}-{:#x}", pid.0, vma.start, vma.end);
+    let mut out = match scan_runs(pm, vma, keep) {
+        Ok(Some(out)) => out,
+        Ok(None) => {
+            let mut out = Vec::new();
+            entry_runs(pm, vma.start, vma.end, keep, &mut out).with_context(ctx)?;
+            out
+        }
+        Err(e) => return Err(e).with_context(ctx),
+    };
     if let VmaKind::SharedAnon { .. } = vma.kind {
         // Pages of the object that only other processes touched have no
         // entry in this process's page table: ask the object itself.
@@ -282,6 +280,69 @@ pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
         out = union_runs(out, data);
     }
     Ok(out)
+}
+
+/// Runs of `[start, end)` that hold content (present, or swapped out for
+/// real, not a pte marker), read entry by entry, appended to `out`.
+pub fn content_runs(pm: &File, start: u64, end: u64, out: &mut Vec<(u64, usize)>) -> Result<()> {
+    entry_runs(pm, start, end, has_content, out).with_context(|| format!("pagemap for {start:#x}-{end:#x}"))
+}
+
+/// Runs of `[start, end)` whose pagemap entries pass `keep`, read entry by
+/// entry (8 bytes per page), appended to `out`.
+fn entry_runs(pm: &File, start: u64, end: u64, keep: fn(u64) -> bool, out: &mut Vec<(u64, usize)>) -> Result<()> {
+    let pages = ((end - start) / PAGE_SIZE as u64) as usize;
+    let mut buf = vec![0u8; PAGEMAP_CHUNK.min(pages.max(1)) * 8];
+    let mut done = 0usize;
+    while done < pages {
+        let n = PAGEMAP_CHUNK.min(pages - done);
+        let addr = start + (done * PAGE_SIZE) as u64;
+        let bytes = &mut buf[..n * 8];
+        pm.read_exact_at(bytes, addr / PAGE_SIZE as u64 * 8)?;
+        let entries: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        runs_from_entries(addr, &entries, keep, out);
+        done += n;
+    }
+    Ok(())
+}
+
+/// The same runs as [`entry_runs`] over the whole VMA, but from one
+/// `PAGEMAP_SCAN` walk that returns runs of pages with equal categories
+/// instead of an entry per page (a fully populated 1 GiB mapping is one
+/// run, not 2 MiB of entries to read and parse). The scan cannot tell a
+/// page swapped out from a pte marker (uffd write-protection leaves one on
+/// every untouched page it protects), so swapped runs are looked up entry
+/// by entry. `None` where the kernel has no `PAGEMAP_SCAN` (before 6.7).
+fn scan_runs(pm: &File, vma: &Vma, keep: fn(u64) -> bool) -> Result<Option<Vec<(u64, usize)>>> {
+    use crate::sys::uffd::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+    use std::os::fd::AsFd;
+    let any = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    let regions = match crate::sys::uffd::scan_raw(pm.as_fd(), vma.start, vma.end, 0, 0, any, any | PAGE_IS_FILE) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // Present pages of a private file mapping count only as copies made on
+    // write (anonymous, not the file's page cache).
+    let private_file = matches!(vma.kind, VmaKind::File { .. });
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for (s, e, cat) in regions {
+        if cat & PAGE_IS_PRESENT != 0 {
+            if private_file && cat & PAGE_IS_FILE != 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some((ls, ll)) if *ls + *ll as u64 == s => *ll += (e - s) as usize,
+                _ => out.push((s, (e - s) as usize)),
+            }
+        } else {
+            entry_runs(pm, s, e, keep, &mut out)?;
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Ranges (as addresses in `vma`) where the shmem object behind a shared
@@ -393,6 +454,59 @@ mod tests {
         assert!(v.iter().any(|v| v.kind == VmaKind::Special { name: "[vdso]".into() }));
         assert!(v.iter().any(|v| matches!(v.kind, VmaKind::File { .. })));
         let stack = v.iter().find(|v| v.growsdown).expect("main stack is growsdown");
-        assert!(!dump_ranges(me, stack).unwrap().is_empty());
+        let pm = open_pagemap(me).unwrap();
+        assert!(!dump_ranges(me, &pm, stack).unwrap().is_empty());
+    }
+
+    /// The PAGEMAP_SCAN walk finds exactly the pages the entry-by-entry
+    /// read finds: written anonymous pages (not untouched or zapped ones,
+    /// and the zero page counts as present), and in a private file mapping
+    /// only the pages copied on write.
+    #[test]
+    fn scan_runs_match_entry_runs() {
+        use std::os::fd::AsRawFd;
+        let me = Pid(std::process::id() as i32);
+        let ps = PAGE_SIZE;
+        let anon = nix_mmap(64 * ps, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        for p in (0..10).chain([20]).chain(30..40) {
+            // SAFETY: inside the 64-page mapping made above.
+            unsafe { *anon.add(p * ps) = 1 };
+        }
+        // SAFETY: reads inside the mapping (maps the shared zero page).
+        let _ = unsafe { std::ptr::read_volatile(anon.add(50 * ps)) };
+        // SAFETY: a range of the mapping made above.
+        assert_eq!(unsafe { libc::madvise(anon.add(32 * ps) as *mut libc::c_void, 2 * ps, libc::MADV_DONTNEED) }, 0);
+        let exe = File::open("/proc/self/exe").unwrap();
+        let file = nix_mmap(4 * ps, libc::MAP_PRIVATE, exe.as_raw_fd());
+        // SAFETY: inside the 4-page file mapping: page 0 read, page 1 copied.
+        unsafe {
+            let _ = std::ptr::read_volatile(file);
+            *file.add(ps) ^= 0xff;
+        }
+        let vmas = read_vmas(me, None).unwrap();
+        let pm = open_pagemap(me).unwrap();
+        for (at, want) in [
+            (anon as u64, vec![(0u64, 10usize), (20, 1), (30, 2), (34, 6), (50, 1)]),
+            (file as u64, vec![(1, 1)]),
+        ] {
+            let v = vmas.iter().find(|v| v.start <= at && at < v.end).expect("the test mapping");
+            let keep = page_filter(v).expect("content to save");
+            let mut by_entry = Vec::new();
+            entry_runs(&pm, v.start, v.end, keep, &mut by_entry).unwrap();
+            let by_scan = scan_runs(&pm, v, keep).unwrap().expect("PAGEMAP_SCAN (Linux 6.7+)");
+            let rel = |r: &[(u64, usize)]| -> Vec<(u64, usize)> {
+                r.iter().filter(|x| x.0 >= at).map(|&(a, l)| ((a - at) / ps as u64, l / ps)).collect()
+            };
+            assert_eq!(rel(&by_entry), want, "entry by entry");
+            assert_eq!(rel(&by_scan), want, "PAGEMAP_SCAN");
+        }
+    }
+
+    fn nix_mmap(len: usize, flags: i32, fd: i32) -> *mut u8 {
+        // SAFETY: a fresh mapping chosen by the kernel; never unmapped (the
+        // test process ends).
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as *mut u8
     }
 }
