@@ -397,6 +397,20 @@ mod tests {
     }
 
     #[test]
+    fn sysv_names() {
+        let l = parse_maps_line("7f5b49a79000-7f5b49a7d000 rw-s 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(is_sysv_shm(&l));
+        assert_eq!((l.inode, l.dev_major), (7, 0));
+        // A real file of that name, a private mapping, a malformed key: not SysV.
+        let f = parse_maps_line("1000-2000 rw-s 00000000 fe:00 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&f));
+        let p = parse_maps_line("1000-2000 rw-p 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&p));
+        let k = parse_maps_line("1000-2000 rw-s 00000000 00:01 7    /SYSV12 (deleted)").unwrap();
+        assert!(!is_sysv_shm(&k));
+    }
+
+    #[test]
     fn runs() {
         let e = [PM_PRESENT, PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_FILE_OR_SHARED];
         let mut out = vec![];

@@ -4,11 +4,15 @@
 //! 1. Load and validate the image (before anything is created).
 //! 2. Wait for the saved PIDs to be free (a just-dumped tree's zombies are
 //!    reaped slowly here); fail naming a PID that stays taken.
+//! 2b. SysV IPC objects (`ipc/sysv.rs`): a new IPC namespace if the tree had
+//!    its own, every object made or reused with its saved id.
 //! 3. Build the pool: open file descriptions, mapped files, shared memory,
 //!    the control area — in snap, so every fork inherits them.
 //! 4. Fork the trees (`tree.rs`): parents before children, each with clone3
 //!    set_tid; each sets up its session, fds, cwd, limits, and waits.
 //! 5. Seize every process; process groups (leaders first, all exist now).
+//!    5b. SysV state whose last-user pid is a restored process, written
+//!    from inside that process.
 //! 6. Per process, remotely: address space (`memory.rs`), threads, signal
 //!    handlers and timers, per-thread state, pending signals, credentials
 //!    (last: they drop the privileges the earlier steps need), pool fds
