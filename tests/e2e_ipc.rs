@@ -236,3 +236,110 @@ fn sysv_damaged_image_and_taken_id() {
     restore_fails(&img, &tr, &[&format!("id {} is taken by another segment", tr.shm_b)]);
     drop(r);
 }
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// `prog args…` as user postgres (runuser), its stdout; panics on failure.
+fn as_postgres(prog: &Path, args: &[&str]) -> String {
+    let o = Command::new("runuser").args(["-u", "postgres", "--"]).arg(prog).args(args).output().unwrap();
+    assert!(o.status.success(), "{} {args:?}: {:?}\n{}", prog.display(), o.status, String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// PostgreSQL (postmaster, its 5 auxiliary processes, the SysV interlock
+/// segment they all attach, shared anonymous memory) on a Unix socket only,
+/// with a psql session connected: both dumped together, killed, restored.
+/// The session goes on (same backend), new connections work, the segment
+/// is attached by every restored process, and `pg_ctl stop` shuts the
+/// server down cleanly.
+#[test]
+fn postgres_with_session_survives() {
+    const T: &str = "postgres_with_session_survives";
+    let _l = lock();
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|rd| rd.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").is_file()));
+    let bin = need!(bin, T, "PostgreSQL not installed (/usr/lib/postgresql/*/bin)");
+    let have_user = Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success());
+    need!(have_user.then_some(()), T, "no user postgres");
+    need!(Command::new("runuser").arg("--help").output().ok().filter(|o| o.status.success()), T, "runuser not found");
+    let t = TempDir::new("pg");
+    let r = Reaper::new();
+    let pg = t.sub("pg");
+    let sock = t.sub("pg/sock");
+    let data = pg.join("data");
+    assert!(Command::new("chown").args(["-R", "postgres"]).arg(&pg).status().unwrap().success());
+    as_postgres(&bin.join("initdb"), &["-D", data.to_str().unwrap(), "-A", "trust", "--no-sync"]);
+    let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+    use std::io::Write;
+    writeln!(conf, "listen_addresses = ''\nunix_socket_directories = '{}'\nfsync = off", sock.display()).unwrap();
+    drop(conf);
+    let log = pg.join("log");
+    as_postgres(&bin.join("pg_ctl"), &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "start"]);
+    let pm: i32 = read_opt(&data.join("postmaster.pid")).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    r.add(pm);
+    // Its interlock segment outlives it if the test fails half-way.
+    let segs: Vec<_> = fs::read_to_string("/proc/sysvipc/shm")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4)?.parse::<i32>().ok()? == pm).then(|| ("-m", f[1].parse::<i32>().unwrap()))
+        })
+        .collect();
+    assert_eq!(segs.len(), 1, "postmaster {pm} made {} SysV segments", segs.len());
+    let shmid = segs[0].1;
+    let _rm = Ipcrm(segs);
+    let s = sock.to_str().unwrap().to_string();
+    let psql = bin.join("psql");
+    let q = |sql: &str| as_postgres(&psql, &["-h", &s, "-Atc", sql, "postgres"]).trim().to_string();
+    q("create table t (x int); insert into t select generate_series(1, 1000)");
+
+    // A session kept open: psql reading statements from a FIFO, writing to a file.
+    let fifo = pg.join("in");
+    let out = pg.join("out");
+    assert!(Command::new("mkfifo").args(["-m", "666"]).arg(&fifo).status().unwrap().success());
+    let mut session = Command::new("runuser");
+    session.args(["-u", "postgres", "--", "sh", "-c"]).arg(format!(
+        "exec {} -h {s} -At postgres < {} > {} 2>&1",
+        psql.display(),
+        fifo.display(),
+        out.display()
+    ));
+    let runuser = spawn(&r, &mut session, &t.join("session.log"));
+    let mut feed = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    writeln!(feed, "select 'backend ' || pg_backend_pid();").unwrap();
+    let backend = wait_for("the session's first answer", secs(30), || {
+        read_opt(&out).and_then(|o| o.lines().find_map(|l| l.strip_prefix("backend ").map(str::to_string)))
+    });
+    let client = wait_for("psql", secs(10), || descendants(runuser).into_iter().find(|&p| fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "psql")));
+    let mut pids = tree(pm);
+    pids.push(client);
+
+    let img = t.sub("img");
+    dump_kill(&[pm, client], &img, &[]);
+    restore_ok(&img, &r, &pids);
+    r.add(client);
+    let nattch = fs::read_to_string("/proc/sysvipc/shm")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1)?.parse::<i32>().ok()? == shmid).then(|| f[6].parse::<usize>().unwrap())
+        });
+    assert_eq!(nattch, Some(tree(pm).len()), "segment {shmid}: nattch after restore (tree {:?})", tree(pm));
+    // The old session: same backend, sees the old rows, takes a write.
+    writeln!(feed, "insert into t values (1001); select 'count ' || count(*) || ' ' || pg_backend_pid() from t;").unwrap();
+    let answer = wait_for("the session's answer after restore", secs(30), || {
+        read_opt(&out).and_then(|o| o.lines().find_map(|l| l.strip_prefix("count ").map(str::to_string)))
+    });
+    assert_eq!(answer, format!("1001 {backend}"), "session after restore");
+    // New connections, and a clean shutdown.
+    assert_eq!(q("select sum(x) from t"), (500_500 + 1001).to_string());
+    drop(feed);
+    as_postgres(&bin.join("pg_ctl"), &["-D", data.to_str().unwrap(), "-w", "-m", "fast", "stop"]);
+    wait_gone(&[pm], secs(30)).unwrap();
+    let logged = read_opt(&log).unwrap_or_default();
+    assert!(logged.contains("database system is shut down"), "no clean shutdown in the log:\n{logged}");
+}
