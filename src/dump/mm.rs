@@ -34,6 +34,8 @@ pub struct MapsLine {
     pub shared: bool,
     pub pgoff: u64,
     pub inode: u64,
+    /// Major number of the device (0 for the kernel's internal mounts).
+    pub dev_major: u32,
     /// Everything after the inode, leading blanks removed ("" if none).
     pub path: String,
 }
@@ -53,7 +55,7 @@ pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
     let (range, r) = token(line).ok_or_else(bad)?;
     let (perms, r) = token(r).ok_or_else(bad)?;
     let (off, r) = token(r).ok_or_else(bad)?;
-    let (_dev, r) = token(r).ok_or_else(bad)?;
+    let (dev, r) = token(r).ok_or_else(bad)?;
     let (ino, r) = token(r).ok_or_else(bad)?;
     let (s, e) = range.split_once('-').ok_or_else(bad)?;
     let p = perms.as_bytes();
@@ -77,6 +79,7 @@ pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
         shared: p[3] == b's',
         pgoff: u64::from_str_radix(off, 16).map_err(|_| bad())?,
         inode: ino.parse().map_err(|_| bad())?,
+        dev_major: u32::from_str_radix(dev.split_once(':').ok_or_else(bad)?.0, 16).map_err(|_| bad())?,
         path: r.trim_start_matches(' ').to_string(),
     })
 }
@@ -90,6 +93,9 @@ pub struct VmFlags {
     /// The maps line of every VMA, as smaps heads its entry.
     lines: std::collections::HashSet<String>,
     growsdown: Vec<u64>,
+    /// Starts of the VMAs without VM_MAYWRITE ("mw"): a SysV segment
+    /// attached with SHM_RDONLY.
+    no_maywrite: Vec<u64>,
 }
 
 pub fn vm_flags(pid: Pid) -> Result<VmFlags> {
@@ -102,6 +108,9 @@ pub fn vm_flags(pid: Pid) -> Result<VmFlags> {
             if let Some(start) = cur {
                 if flags.split_whitespace().any(|f| f == "gd") {
                     out.growsdown.push(start);
+                }
+                if !flags.split_whitespace().any(|f| f == "mw") {
+                    out.no_maywrite.push(start);
                 }
             }
         } else if let Some((range, _)) = line.split_once(' ') {
@@ -131,10 +140,24 @@ fn map_file_meta(pid: Pid, l: &MapsLine) -> Result<fs::Metadata> {
     fs::metadata(&mf).with_context(|| format!("stat {mf} ({})", l.path))
 }
 
+/// Is this an attachment of a SysV shared memory segment? Its name is
+/// `/SYSV` and the key in 8 hex digits, on the kernel's internal shm mount
+/// (device 0:x), and its inode number is the segment's id.
+pub fn is_sysv_shm(l: &MapsLine) -> bool {
+    let Some(key) = l.path.strip_prefix("/SYSV").and_then(|r| r.strip_suffix(" (deleted)")) else {
+        return false;
+    };
+    l.shared && l.dev_major == 0 && key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()) && l.inode <= i32::MAX as u64
+}
+
 fn classify(pid: Pid, l: &MapsLine) -> Result<VmaKind> {
     let p = l.path.as_str();
     if p == "[vsyscall]" {
         return Ok(VmaKind::Vsyscall);
+    }
+    if is_sysv_shm(l) {
+        // `rdonly` is filled in from VmFlags by the caller.
+        return Ok(VmaKind::SysvShm { shmid: l.inode as i32, rdonly: false });
     }
     if l.shared && is_shmem_name(p) {
         let m = map_file_meta(pid, l)?;
@@ -193,15 +216,19 @@ pub fn read_vmas(pid: Pid, early: Option<VmFlags>) -> Result<Vec<Vma>> {
         .iter()
         .map(|line| parse_maps_line(line).with_context(|| format!("{pid}: {path}")))
         .collect::<Result<Vec<_>>>()?;
-    let gd = match early {
-        Some(f) if raw.iter().all(|l| f.lines.contains(*l)) => f.growsdown,
-        _ => vm_flags(pid).with_context(|| format!("{pid}: VmFlags"))?.growsdown,
+    let flags = match early {
+        Some(f) if raw.iter().all(|l| f.lines.contains(*l)) => f,
+        _ => vm_flags(pid).with_context(|| format!("{pid}: VmFlags"))?,
     };
+    let gd = flags.growsdown;
     let mut out = Vec::new();
     for l in lines {
-        let kind = classify(pid, &l).with_context(|| {
+        let mut kind = classify(pid, &l).with_context(|| {
             format!("{pid}: mapping {:#x}-{:#x} ({})", l.start, l.end, l.path)
         })?;
+        if let VmaKind::SysvShm { rdonly, .. } = &mut kind {
+            *rdonly = flags.no_maywrite.contains(&l.start);
+        }
         out.push(Vma {
             start: l.start,
             end: l.end,
@@ -428,6 +455,20 @@ mod tests {
         let l = parse_maps_line("1000-2000 ---s 00000000 00:00 0 ").unwrap();
         assert_eq!((l.prot, l.shared, l.path.as_str()), (0, true, ""));
         assert!(parse_maps_line("1000-2000 rw").is_err());
+    }
+
+    #[test]
+    fn sysv_names() {
+        let l = parse_maps_line("7f5b49a79000-7f5b49a7d000 rw-s 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(is_sysv_shm(&l));
+        assert_eq!((l.inode, l.dev_major), (7, 0));
+        // A real file of that name, a private mapping, a malformed key: not SysV.
+        let f = parse_maps_line("1000-2000 rw-s 00000000 fe:00 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&f));
+        let p = parse_maps_line("1000-2000 rw-p 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&p));
+        let k = parse_maps_line("1000-2000 rw-s 00000000 00:01 7    /SYSV12 (deleted)").unwrap();
+        assert!(!is_sysv_shm(&k));
     }
 
     #[test]

@@ -182,6 +182,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut total_pages: u64 = 0;
     let mut xsave_mask = 0u64;
     let mut xsave_size = 0u32;
+    // Every process's SysV shm attachments, for `ipc::sysv::dump`.
+    let mut sysv_maps: Vec<(Pid, Vec<Vma>)> = Vec::new();
 
     for &pid in &seized.pids.clone() {
         let mut p = proc::read_process(pid).with_context(|| format!("dumping {pid}"))?;
@@ -209,6 +211,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         }
         p.shared_pending = threads::shared_pending(tids[0])?;
         p.vmas = mm::read_vmas(pid, early_flags.remove(&pid)).with_context(|| format!("{pid}: reading mappings"))?;
+        sysv_maps.push((pid, p.vmas.iter().filter(|v| matches!(v.kind, VmaKind::SysvShm { .. })).cloned().collect()));
         // Incremental: what the parent holds of this same process, and which
         // pages tracking says are unchanged since (asked before the parasite
         // writes anything into the process).
@@ -366,6 +369,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         }
     }
 
+    // SysV objects, while every process is still stopped.
+    crate::ipc::sysv::dump(&seized.pids, &sysv_maps, &mut w)?;
     for (id, obj) in &shmem {
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;

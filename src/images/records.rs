@@ -6,6 +6,7 @@
 //! Page contents are not here: they live in the page store (`pagestore.rs`),
 //! referenced by `PageRef`s in the per-process page maps.
 
+use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Current image format version. Bump on incompatible changes.
@@ -219,10 +220,86 @@ pub enum VmaKind {
     /// shm): its content is in `shmem-<id>` page map, shared by every
     /// process that maps the same object.
     SharedAnon { shmem_id: u64, size: u64 },
+    /// A SysV shared memory attachment (`shmat`): segment `shmid` of
+    /// `ipc.json`, attached at `start - pgoff`; `rdonly` for `SHM_RDONLY`
+    /// (the mapping may never be made writable). Its content is the
+    /// segment's, saved once in `ipc.json`'s page map, not per process.
+    SysvShm { shmid: i32, rdonly: bool },
     /// [vdso], [vvar], [vvar_vclock]: provided by the kernel.
     Special { name: String },
     /// [vsyscall]: fixed by the kernel, never touched.
     Vsyscall,
+}
+
+/// `ipc.json`: SysV IPC objects (`ipc/sysv.rs`). With `own_namespace` the
+/// processes had an IPC namespace of their own and these are all of its
+/// objects (restore makes a new namespace); otherwise they are the objects
+/// of the host's namespace that the processes used.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpcImage {
+    pub own_namespace: bool,
+    /// With an own namespace: its limits (`kernel.shmmax`, `msgmnb`, ...).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    pub shm: Vec<ShmSegment>,
+    #[serde(default)]
+    pub sem: Vec<SemSet>,
+    #[serde(default)]
+    pub msg: Vec<MsgQueue>,
+}
+
+/// What every SysV object has: id, key (0 = IPC_PRIVATE), permission bits
+/// (the low 9 bits of the mode), owner and creator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpcPerm {
+    pub id: i32,
+    pub key: i32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+}
+
+/// A shared memory segment. Its pages are in page map `pagemap` (offsets in
+/// the segment), through the page store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShmSegment {
+    pub perm: IpcPerm,
+    pub size: u64,
+    /// Removed with IPC_RMID while still attached (SHM_DEST).
+    pub dest: bool,
+    /// Locked in memory with SHM_LOCK (SHM_LOCKED).
+    pub locked: bool,
+    pub pagemap: String,
+}
+
+/// A semaphore set: each semaphore's value and the pid of the last
+/// operation on it (`semctl GETPID`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SemSet {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+    pub pids: Vec<i32>,
+}
+
+/// A message queue: its byte limit, last sender and receiver, and every
+/// queued message in order; the message texts are concatenated in `blob`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MsgQueue {
+    pub perm: IpcPerm,
+    pub qbytes: u64,
+    pub lspid: i32,
+    pub lrpid: i32,
+    pub messages: Vec<Msg>,
+    pub blob: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Msg {
+    pub mtype: i64,
+    pub len: u64,
 }
 
 /// Identity of a file when it was dumped: restore refuses if it changed.

@@ -32,6 +32,8 @@ pub struct Pool {
     maps: HashMap<(String, bool), RawFd>,
     shmem: HashMap<u64, RawFd>,
     owned: Vec<OwnedFd>,
+    /// Sizes of the SysV segments (`ipc.json`), by id, for the attachments.
+    pub sysv_sizes: BTreeMap<i32, u64>,
 }
 
 impl Pool {
@@ -122,6 +124,7 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool
         maps: HashMap::new(),
         shmem: HashMap::new(),
         owned: Vec::new(),
+        sysv_sizes: BTreeMap::new(),
     };
 
     let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
