@@ -1,5 +1,5 @@
 //! End-to-end tests for anonymous-inode descriptors: eventfd, timerfd,
-//! signalfd, epoll, inotify. Each workload (fixtures/anon_*.c) sets the
+//! signalfd, epoll, inotify; and POSIX message queues. Each workload (fixtures/anon_*.c) sets the
 //! object up, writes "ready PID", and on SIGUSR1 checks the state it
 //! expects after a restore and writes "ok" or "FAIL: what".
 //!
@@ -173,4 +173,79 @@ fn inotify_watches_same_wds() {
     dump_restore(&t, &r, pid);
     assert_eq!(before, watches(pid), "inotify watches differ after restore");
     check(&d, pid, "after restore");
+}
+
+// ------------------------------------------------------------------ mqueue
+
+/// Unlinks the fixture's named queues (they outlive the processes).
+struct MqNames(String);
+impl Drop for MqNames {
+    fn drop(&mut self) {
+        for s in ["a", "b", "c"] {
+            let _ = snap::kinds::sys::mq_unlink(&std::ffi::CString::new(format!("/{}-{s}", self.0)).unwrap());
+        }
+    }
+}
+
+fn start_mqueue(test: &str, extra: &[&str]) -> Option<(Reaper, TempDir, std::path::PathBuf, i32, MqNames)> {
+    let bin = fixture("anon_mqueue")?;
+    let tag = format!("snap-e2e-{}-{test}", std::process::id());
+    let names = MqNames(tag.clone());
+    let t = TempDir::new(test);
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d).arg(&tag).args(extra), &t.join("log"));
+    let ready = wait_ready(&d, pid, secs(30));
+    assert_eq!(ready.split_whitespace().next(), Some(pid.to_string().as_str()), "ready: {ready}");
+    Some((r, t, d, pid, names))
+}
+
+/// Two named queues (one with messages of several priorities, shared by an
+/// O_NONBLOCK and an O_WRONLY description; one empty with an mq_notify
+/// SIGEV_SIGNAL registration) and an unlinked queue with messages. Restored
+/// twice: once finding the named queues still there (after the dump killed
+/// the process), once after they were unlinked (created from the image).
+/// Each time the process finds flags, attributes, mode, link counts, every
+/// message in order and a notification that fires.
+#[test]
+fn mqueue_messages_and_notification() {
+    let _l = lock();
+    let (r, t, d, pid, names) = need!(start_mqueue("mqueue", &[]), "mqueue_messages_and_notification", "gcc not found");
+    let img = t.sub("img");
+    dump_kill(&[pid], &img, &[]);
+    restore_ok(&img, &r, &[pid]);
+    check(&d, pid, "after restore onto the existing queues");
+    let img2 = t.sub("img2");
+    dump_kill(&[pid], &img2, &[]);
+    let tag = names.0.clone();
+    drop(names);
+    let _names = MqNames(tag);
+    restore_ok(&img2, &r, &[pid]);
+    check(&d, pid, "after restore with the queues created from the image");
+}
+
+/// With --leave-running the process keeps every message, in order, and its
+/// notification registration.
+#[test]
+fn mqueue_leave_running() {
+    let _l = lock();
+    let (_r, t, d, pid, _names) = need!(start_mqueue("mqueue_lr", &[]), "mqueue_leave_running", "gcc not found");
+    dump_ok(&[pid], &t.sub("img"), &["--leave-running"]);
+    check(&d, pid, "after dump --leave-running");
+}
+
+/// A queue holding messages with an mq_notify registration is refused
+/// (taking the messages and sending them back would fire it), naming pid,
+/// fd and the reason; the process keeps its messages.
+#[test]
+fn mqueue_notify_with_messages_refused() {
+    let _l = lock();
+    let (_r, t, d, pid, _names) = need!(start_mqueue("mqueue_ref", &["refuse"]), "mqueue_notify_with_messages_refused", "gcc not found");
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should have been refused: {}", run.describe());
+    for w in [format!("pid {pid} fd 10"), "mq_notify".into()] {
+        assert!(run.stderr.contains(&w), "error does not contain {w:?}: {}", run.stderr);
+    }
+    assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");
+    check(&d, pid, "after the refused dump");
 }

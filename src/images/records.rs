@@ -294,6 +294,26 @@ pub enum FileKind {
     /// An inotify instance: its watches (path resolved at dump, mask, wd).
     /// Unread events are not saved.
     Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
+    /// A POSIX message queue (`mq_open`), see `kinds/mqueue.rs`. `name`:
+    /// `/name` in its IPC namespace; `linked`: the name still led to this
+    /// queue at dump; `ino`: queue inode at dump (the descriptions of one
+    /// queue share it); attributes, mode and owner of the queue; `messages`
+    /// queued, stored once per queue in blob `blob` (empty when none) in
+    /// receive order as (priority u32 LE, length u32 LE, bytes); `notify`:
+    /// its `mq_notify` registration.
+    Mqueue {
+        name: String,
+        linked: bool,
+        ino: u64,
+        maxmsg: u64,
+        msgsize: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        messages: u64,
+        blob: String,
+        notify: Option<crate::kinds::mqueue::MqNotify>,
+    },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).
