@@ -72,17 +72,21 @@ fn eventfd_counter_and_semaphore() {
 
 /// A periodic timer keeps firing at its interval, an absolute realtime
 /// deadline stays where it was, a relative boottime timer keeps its time
-/// left and interval, and an expired unread one-shot reads 1.
+/// left and interval, an expired unread one-shot reads 1, and a periodic
+/// timer with 10 unread expirations reads exactly 10 (TFD_IOC_SET_TICKS).
 #[test]
 fn timerfd_rearmed() {
     let _l = lock();
     let (r, t, d, pid) = need!(start("anon_timerfd", "timerfd"), "timerfd_rearmed", "gcc not found");
     let keys = ["clockid", "settime flags", "flags", "it_interval"];
-    let before: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    let before: Vec<_> = (10..15).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
     assert!(fdinfo_lines(pid, 12, &["ticks"]) == ["ticks: 1"], "fixture fd 12: {:?}", fdinfo_lines(pid, 12, &["ticks"]));
+    let ticks14 = fdinfo_lines(pid, 14, &["ticks"]);
+    assert!(ticks14 == ["ticks: 10"], "fixture fd 14: {ticks14:?}");
     dump_restore(&t, &r, pid);
-    let after: Vec<_> = (10..14).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
+    let after: Vec<_> = (10..15).map(|fd| fdinfo_lines(pid, fd, &keys)).collect();
     assert_eq!(before, after, "timerfd fdinfo differs after restore");
+    assert_eq!(fdinfo_lines(pid, 14, &["ticks"]), ticks14, "fd 14: unread expirations after restore");
     check(&d, pid, "after restore");
 }
 

@@ -279,7 +279,7 @@ pub enum FileKind {
     /// An eventfd: its counter and whether it is in semaphore mode
     /// (`O_NONBLOCK` is in `OpenFile::flags`).
     Eventfd { count: u64, semaphore: bool },
-    /// A timerfd: its clock, unread expirations, `timerfd_settime` flags
+    /// A timerfd: its clock, unread expirations (`ticks`), `timerfd_settime` flags
     /// (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`), time left until the
     /// next expiration and the interval (ns; 0/0 = disarmed), and for an
     /// absolute timer the expiration time on its clock (ns).
