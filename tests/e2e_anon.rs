@@ -161,7 +161,7 @@ fn epoll_watch_of_closed_fd_refused() {
 
 /// Watches come back on the same paths with the same masks and the same
 /// watch descriptors (wd 1 and 3, with the gap of a removed wd 2), and
-/// report new events; unread events are not restored (none are queued).
+/// report new events (no event is queued at the dump).
 #[test]
 fn inotify_watches_same_wds() {
     let _l = lock();
@@ -248,6 +248,59 @@ fn mqueue_notify_with_messages_refused() {
     let run = dump_raw(&[pid], &t.sub("img"), &[]);
     assert!(!run.ok(), "dump should have been refused: {}", run.describe());
     for w in [format!("pid {pid} fd 10"), "mq_notify".into()] {
+        assert!(run.stderr.contains(&w), "error does not contain {w:?}: {}", run.stderr);
+    }
+    assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");
+    check(&d, pid, "after the refused dump");
+}
+
+/// The watches of inotify fd 10 as fdinfo shows them (wd, inode, mask).
+fn inotify_watches(pid: i32) -> Vec<String> {
+    fdinfo_lines(pid, 10, &["inotify", "flags"]).iter().map(|l| l.split(" ignored_mask").next().unwrap().to_string()).collect()
+}
+
+/// Unread events of every replayable kind (open, access, close-nowrite,
+/// close-write, modify, attrib; on a directory, its entries and a file
+/// watched both itself and through its directory) come back in order after
+/// dump and restore, with the watches' masks as they were.
+#[test]
+fn inotify_unread_events_restored() {
+    let _l = lock();
+    let (r, t, d, pid) = need!(start("anon_inotify_ev", "inotify_ev"), "inotify_unread_events_restored", "gcc not found");
+    let before = inotify_watches(pid);
+    assert_eq!(before.len(), 4, "fixture: {before:?}");
+    dump_restore(&t, &r, pid);
+    assert_eq!(before, inotify_watches(pid), "inotify watches differ after restore");
+    check(&d, pid, "after restore");
+}
+
+/// With --leave-running the process still has every unread event, in order,
+/// and its watches' masks.
+#[test]
+fn inotify_unread_events_leave_running() {
+    let _l = lock();
+    let (_r, t, d, pid) = need!(start("anon_inotify_ev", "inotify_ev_lr"), "inotify_unread_events_leave_running", "gcc not found");
+    let before = inotify_watches(pid);
+    dump_ok(&[pid], &t.sub("img"), &["--leave-running"]);
+    assert_eq!(before, inotify_watches(pid), "inotify watches changed by the dump");
+    check(&d, pid, "after dump --leave-running");
+}
+
+/// Events queued while a watch reports IN_CREATE (not replayable) are
+/// refused before anything is read: the error names pid, fd, wd and the
+/// event, and the process keeps its queue.
+#[test]
+fn inotify_unreplayable_events_refused() {
+    let _l = lock();
+    let bin = need!(fixture("anon_inotify_ev"), "inotify_unreplayable_events_refused", "gcc not found");
+    let t = TempDir::new("inotify_ev_ref");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, Command::new(&bin).arg(&d).arg("refuse"), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should have been refused: {}", run.describe());
+    for w in [format!("pid {pid} fd 10"), "wd 1".into(), "IN_CREATE".into()] {
         assert!(run.stderr.contains(&w), "error does not contain {w:?}: {}", run.stderr);
     }
     assert!(alive(pid) && status_field(pid, "TracerPid").as_deref() == Some("0"), "not left running untraced");

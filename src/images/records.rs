@@ -291,9 +291,13 @@ pub enum FileKind {
     /// that very file at that number); restore adds the watches inside that
     /// process once its fd table is in place.
     Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
-    /// An inotify instance: its watches (path resolved at dump, mask, wd).
-    /// Unread events are not saved.
-    Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
+    /// An inotify instance: its watches (path resolved at dump, mask, wd)
+    /// and its unread events in queue order (see `kinds/inotify.rs`).
+    Inotify {
+        watches: Vec<crate::kinds::inotify::InotifyWatch>,
+        #[serde(default)]
+        events: Vec<crate::kinds::inotify::InotifyEvent>,
+    },
     /// A POSIX message queue (`mq_open`), see `kinds/mqueue.rs`. `name`:
     /// `/name` in its IPC namespace; `linked`: the name still led to this
     /// queue at dump; `ino`: queue inode at dump (the descriptions of one

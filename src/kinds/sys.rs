@@ -136,3 +136,11 @@ pub fn timerfd_set_ticks(fd: BorrowedFd<'_>, ticks: u64) -> nix::Result<()> {
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS as _, &ticks as *const u64) };
     Errno::result(r).map(drop)
 }
+
+/// One getdents64 call on a directory (for the access it reports).
+pub fn read_dir_once(fd: BorrowedFd<'_>) -> nix::Result<usize> {
+    let mut buf = [0u8; 1024];
+    // SAFETY: the kernel writes at most buf.len() bytes to `buf`, alive for the call.
+    let r = unsafe { libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    Errno::result(r).map(|n| n as usize)
+}
