@@ -394,3 +394,100 @@ fn files_image_json_roundtrip() {
     let back: snap::images::records::FilesImage = serde_json::from_str(&json).unwrap();
     assert_eq!(back, image);
 }
+
+/// Messages of a queue description, taken in receive order (consumes them).
+fn mq_drain(fd: &OwnedFd) -> Vec<(u32, Vec<u8>)> {
+    let a = snap::kinds::sys::mq_getattr(std::os::fd::AsFd::as_fd(fd)).unwrap();
+    let mut buf = vec![0u8; a.msgsize as usize];
+    let mut out = Vec::new();
+    loop {
+        match snap::kinds::sys::mq_receive_now(std::os::fd::AsFd::as_fd(fd), &mut buf) {
+            Ok((n, prio)) => out.push((prio, buf[..n].to_vec())),
+            Err(nix::errno::Errno::ETIMEDOUT) | Err(nix::errno::Errno::EAGAIN) => return out,
+            Err(e) => panic!("mq_timedreceive: {e}"),
+        }
+    }
+}
+
+/// POSIX message queues: a named queue (two descriptions, O_NONBLOCK on
+/// one), an unlinked write-only one; the dump leaves every message in
+/// place in order, restore recreates both (the named one after it was
+/// unlinked) with attributes, mode and messages in order.
+#[test]
+fn mqueue_roundtrip() {
+    let tag = format!("snap-kt-{}", std::process::id());
+    let (na, nb) = (format!("/{tag}-a"), format!("/{tag}-b"));
+    let script = format!(
+        "libc = ctypes.CDLL(None, use_errno=True)\n\
+         class A(ctypes.Structure): _fields_ = [('f', ctypes.c_long), ('max', ctypes.c_long), ('size', ctypes.c_long), ('cur', ctypes.c_long), ('pad', ctypes.c_long * 4)]\n\
+         def mq(name, fl, mode=0, mx=0, sz=0):\n\
+         \x20   a = A(0, mx, sz, 0)\n\
+         \x20   q = libc.mq_open(name.encode(), ctypes.c_int(fl), ctypes.c_uint(mode), ctypes.byref(a))\n\
+         \x20   assert q >= 0, os.strerror(ctypes.get_errno())\n\
+         \x20   return q\n\
+         def send(q, m, p): assert libc.mq_send(q, m, ctypes.c_size_t(len(m)), ctypes.c_uint(p)) == 0, os.strerror(ctypes.get_errno())\n\
+         os.umask(0)\n\
+         a = mq({na:?}, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o640, 5, 32)\n\
+         for m, p in [(b'one', 1), (b'two', 3), (b'three', 1), (b'', 0), (b'five', 3)]: send(a, m, p)\n\
+         a2 = mq({na:?}, os.O_RDONLY)\n\
+         b = mq({nb:?}, os.O_WRONLY | os.O_CREAT, 0o600, 3, 8)\n\
+         send(b, b'x', 2); send(b, b'y', 2)\n\
+         libc.mq_unlink({nb:?}.encode())\n\
+         print(json.dumps([a, a2, b]))"
+    );
+    let (g, v) = python(&script);
+    let pid = g.pid();
+    let nums: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let taken = take_fds(pid, &nums);
+    let mut ctx = DumpCtx::new(false);
+    ctx.set_dumped(&[pid]);
+    let entries = ctx.dump_fds(pid, &taken).unwrap();
+    let (image, blobs) = ctx.finish();
+    assert_eq!(image.files.len(), 3, "{image:?}");
+    match &image.files[entries[0].file as usize].kind {
+        FileKind::Mqueue { name, linked: true, maxmsg: 5, msgsize: 32, mode: 0o640, uid: 0, messages: 5, notify: None, .. } => {
+            assert_eq!(name, &na)
+        }
+        k => panic!("{k:?}"),
+    }
+    match &image.files[entries[2].file as usize].kind {
+        FileKind::Mqueue { name, linked: false, maxmsg: 3, msgsize: 8, mode: 0o600, messages: 2, .. } => assert_eq!(name, &nb),
+        k => panic!("{k:?}"),
+    }
+    assert_eq!(blobs.len(), 2, "one blob per queue");
+    // The target's descriptions are untouched (flags) and the queue still
+    // holds its messages, checked at the end.
+    assert!(getfl(&taken[0].1) & libc::O_NONBLOCK != 0);
+    assert!(getfl(&taken[1].1) & libc::O_NONBLOCK == 0);
+
+    // The name is gone at restore: the queue is created from the image.
+    let cna = std::ffi::CString::new(na.clone()).unwrap();
+    snap::kinds::sys::mq_unlink(&cna).unwrap();
+    let blobs: HashMap<String, Vec<u8>> = blobs.into_iter().collect();
+    let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
+    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let by = |i: usize| &fds[&entries[i].file];
+    let (ra, ra2, rb) = (by(0), by(1), by(2));
+    assert_eq!(getfl(ra) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_RDWR | libc::O_NONBLOCK);
+    assert_eq!(getfl(ra2) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_RDONLY);
+    assert_eq!(getfl(rb) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_WRONLY);
+    let st = |fd: &OwnedFd| nix::sys::stat::fstat(fd.as_raw_fd()).unwrap();
+    assert_eq!(st(ra).st_ino, st(ra2).st_ino, "one queue, two descriptions");
+    assert_eq!((st(ra).st_mode & 0o7777, st(ra).st_nlink), (0o640, 1));
+    assert_eq!((st(rb).st_mode & 0o7777, st(rb).st_nlink), (0o600, 0), "unlinked again");
+    let a = snap::kinds::sys::mq_getattr(std::os::fd::AsFd::as_fd(ra)).unwrap();
+    assert_eq!((a.maxmsg, a.msgsize, a.curmsgs), (5, 32, 5));
+    let want_a: Vec<(u32, Vec<u8>)> =
+        [(3, "two"), (3, "five"), (1, "one"), (1, "three"), (0, "")].iter().map(|(p, m)| (*p, m.as_bytes().to_vec())).collect();
+    assert_eq!(mq_drain(ra2), want_a, "restored named queue");
+    let rb_read: OwnedFd =
+        std::fs::File::open(format!("/proc/self/fd/{}", rb.as_raw_fd())).unwrap().into();
+    assert_eq!(mq_drain(&rb_read), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "restored unlinked queue");
+    // And the original still has everything, in order.
+    assert_eq!(mq_drain(&taken[0].1), want_a, "original named queue after the dump");
+    let orig_b: OwnedFd =
+        std::fs::File::open(format!("/proc/self/fd/{}", taken[2].1.as_raw_fd())).unwrap().into();
+    assert_eq!(mq_drain(&orig_b), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "original unlinked queue");
+    drop(fds);
+    let _ = snap::kinds::sys::mq_unlink(&cna);
+}

@@ -356,7 +356,7 @@ pub enum FileKind {
     /// An eventfd: its counter and whether it is in semaphore mode
     /// (`O_NONBLOCK` is in `OpenFile::flags`).
     Eventfd { count: u64, semaphore: bool },
-    /// A timerfd: its clock, unread expirations, `timerfd_settime` flags
+    /// A timerfd: its clock, unread expirations (`ticks`), `timerfd_settime` flags
     /// (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`), time left until the
     /// next expiration and the interval (ns; 0/0 = disarmed), and for an
     /// absolute timer the expiration time on its clock (ns).
@@ -368,9 +368,33 @@ pub enum FileKind {
     /// that very file at that number); restore adds the watches inside that
     /// process once its fd table is in place.
     Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
-    /// An inotify instance: its watches (path resolved at dump, mask, wd).
-    /// Unread events are not saved.
-    Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
+    /// An inotify instance: its watches (path resolved at dump, mask, wd)
+    /// and its unread events in queue order (see `kinds/inotify.rs`).
+    Inotify {
+        watches: Vec<crate::kinds::inotify::InotifyWatch>,
+        #[serde(default)]
+        events: Vec<crate::kinds::inotify::InotifyEvent>,
+    },
+    /// A POSIX message queue (`mq_open`), see `kinds/mqueue.rs`. `name`:
+    /// `/name` in its IPC namespace; `linked`: the name still led to this
+    /// queue at dump; `ino`: queue inode at dump (the descriptions of one
+    /// queue share it); attributes, mode and owner of the queue; `messages`
+    /// queued, stored once per queue in blob `blob` (empty when none) in
+    /// receive order as (priority u32 LE, length u32 LE, bytes); `notify`:
+    /// its `mq_notify` registration.
+    Mqueue {
+        name: String,
+        linked: bool,
+        ino: u64,
+        maxmsg: u64,
+        msgsize: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        messages: u64,
+        blob: String,
+        notify: Option<crate::kinds::mqueue::MqNotify>,
+    },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).

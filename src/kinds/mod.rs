@@ -32,6 +32,7 @@ pub mod eventfd;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
+pub mod mqueue;
 pub mod pidfd;
 pub mod pipe;
 pub mod regular;
@@ -83,8 +84,9 @@ pub struct Kind {
     pub dump: fn(&Probe, &mut DumpShared) -> Option<Result<FileKind>>,
 }
 
-/// Kinds in the order they are tried (deleted before regular).
+/// Kinds in the order they are tried (mqueue and deleted before regular).
 pub const REGISTRY: &[Kind] = &[
+    mqueue::KIND,
     memfd::KIND,
     deleted::KIND,
     regular::KIND,
@@ -267,6 +269,8 @@ pub struct RestoreCtx<'a> {
     pub unix: unix::HeldMap,
     /// memfds already created, by blob name (one per dumped inode).
     pub memfds: HashMap<String, OwnedFd>,
+    /// POSIX message queues found or created, by queue inode at dump.
+    pub mqueues: HashMap<u64, mqueue::Held>,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -276,7 +280,7 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new() };
+    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new(), mqueues: HashMap::new() };
     let mut out = HashMap::with_capacity(files.files.len());
     for of in &files.files {
         let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
@@ -302,6 +306,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
         FileKind::Epoll { .. } => epoll::restore(of, ctx),
         FileKind::Inotify { .. } => inotify::restore(of, ctx),
+        FileKind::Mqueue { .. } => mqueue::restore(of, ctx),
         FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
     }
 }
@@ -335,5 +340,6 @@ mod tests {
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
     locks::after_fd_table(fds, files)?;
+    mqueue::after_fd_table(fds, files)?;
     epoll::add_watches(fds, files)
 }
