@@ -10,6 +10,7 @@ need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 [ -x /usr/bin/python3 ] || need+=(python3)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v script >/dev/null || need+=(bsdutils)   # tests/e2e_pty.rs
 command -v bash >/dev/null || need+=(bash)
 # Real programs of tests/e2e_servers.rs, run directly (never as services).
 command -v redis-server >/dev/null || need+=(redis-server)

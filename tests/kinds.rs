@@ -226,7 +226,7 @@ fn dump_and_restore_fds() {
     let taken = take_fds(pid, &nums);
     let mut ctx = DumpCtx::new(false);
     let entries = ctx.dump_fds(pid, &taken).unwrap();
-    let (image, blobs) = ctx.finish();
+    let (image, blobs) = ctx.finish().unwrap();
     assert_eq!(entries.len(), 7);
     assert_eq!(image.files.len(), 7);
     let kind_of = |fd: i32| {
@@ -332,7 +332,7 @@ fn shared_description_between_parent_and_child() {
     let mut ctx = DumpCtx::new(false);
     let pe = ctx.dump_fds(parent, &take_fds(parent, &[f, d])).unwrap();
     let ce = ctx.dump_fds(child, &take_fds(child, &[f, d, other])).unwrap();
-    let (image, _) = ctx.finish();
+    let (image, _) = ctx.finish().unwrap();
     assert_eq!(image.files.len(), 2, "{image:?}");
     let id = pe[0].file;
     assert!(pe.iter().chain(&ce[..2]).all(|e| e.file == id));
