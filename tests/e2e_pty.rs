@@ -5,6 +5,9 @@
 //! its controlling terminal and the foreground process group, so ^C written
 //! on the master side still interrupts the foreground job.
 //!
+//! A tmux server with a shell in a pane, dumped by the server pid while no
+//! client is attached, keeps working with send-keys and capture-pane.
+//!
 //! Run: `cargo test --release --test e2e_pty -- --test-threads=1`.
 
 #[macro_use]
@@ -133,6 +136,13 @@ fn script_bash_keeps_state_and_terminal() {
     assert_ne!(tty_nr, 0, "bash has a controlling terminal");
     assert_eq!(tpgid, bash as i64, "bash's group is in the foreground");
 
+    // A dump that leaves the tree running takes nothing from it.
+    dump_ok(&[sh.script], &t.sub("img0"), &["--leave-running"]);
+    sh.send("echo \"l\"\"ive=$x\"\n");
+    sh.wait_out("live=snapval42", before.len());
+    wait_idle(bash);
+    let before = sh.output();
+
     let img = t.sub("img");
     let (run, all) = dump_kill(&[sh.script], &img, &[]);
     assert!(all.contains(&bash));
@@ -234,4 +244,73 @@ fn slave_without_master_refused() {
     assert!(alive(pid) && proc_state(pid) != Some('Z'), "the refused tree keeps running");
     // SAFETY: closing the master we opened.
     unsafe { libc::close(m) };
+}
+
+fn tmux_bin() -> Option<PathBuf> {
+    ["/usr/bin/tmux", "/usr/local/bin/tmux", "/bin/tmux"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// `tmux -S SOCK ARGS…`: its stdout (asserting success).
+fn tmux(bin: &Path, sock: &Path, args: &[&str]) -> String {
+    let o = Command::new(bin)
+        .arg("-S")
+        .arg(sock)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TERM", "xterm")
+        .env("PS1", "$ ")
+        .env("HISTFILE", "/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run tmux");
+    assert!(o.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Sockets the process holds (a tmux server with no client has one: its
+/// listener).
+fn sockets(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().filter(|f| fs::read_link(f.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))).count())
+        .unwrap_or(0)
+}
+
+/// A tmux server (no client attached) with a shell in a pane, dumped by the
+/// server's pid and restored: send-keys reaches the same shell, which kept
+/// its variable and its pane's window size, and capture-pane shows it.
+#[test]
+fn tmux_server_with_a_shell() {
+    let _l = lock();
+    let bin = need!(tmux_bin(), "tmux_server_with_a_shell", "no tmux");
+    let t = TempDir::new("pty-tmux");
+    let r = Reaper::new();
+    let sock = t.join("sock");
+    tmux(&bin, &sock, &["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "100", "-y", "30", "bash --norc --noprofile -i"]);
+    let server: i32 = tmux(&bin, &sock, &["display", "-p", "#{pid}"]).trim().parse().unwrap();
+    r.add(server);
+    let pane = |s: &str| tmux(&bin, &sock, &["send-keys", "-t", "main", s, "Enter"]);
+    let capture = || tmux(&bin, &sock, &["capture-pane", "-p", "-t", "main"]);
+    pane("x=tmuxval5; stty cols 77; echo \"m\"\"ark=$x\"");
+    wait_for("mark in the pane", secs(30), || capture().contains("mark=tmuxval5").then_some(()));
+    let bash = wait_for("bash under the tmux server", secs(30), || {
+        descendants(server).into_iter().find(|&p| comm(p).as_deref() == Some("bash"))
+    });
+    wait_idle(bash);
+    // The command clients are gone (the server closed their connections).
+    wait_for("no client connected to the tmux server", secs(30), || (sockets(server) == 1).then_some(()));
+
+    let img = t.sub("img");
+    let (_, all) = dump_kill(&[server], &img, &[]);
+    assert!(all.contains(&bash));
+    let files = fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("pty_master") && files.contains("pty_slave"), "{files}");
+    restore_ok(&img, &r, &all);
+
+    pane("echo \"r\"\"es=$x $(stty size)\"");
+    let out = wait_for("res in the pane", secs(30), || {
+        let c = capture();
+        c.contains("res=").then_some(c)
+    });
+    assert!(out.contains("res=tmuxval5 30 77"), "{out}");
 }
