@@ -51,9 +51,14 @@ impl Shell {
             .stdin(stdin)
             .stdout(o.try_clone().unwrap())
             .stderr(o);
-        // SAFETY: setsid is async-signal-safe; nothing else runs in pre_exec.
+        // SAFETY: setsid and signal are async-signal-safe; nothing else runs
+        // in pre_exec. SIGINT and SIGQUIT back to default: a test run as a
+        // background job of a shell inherits them ignored, and so would the
+        // foreground job that ^C must end.
         unsafe {
             cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
