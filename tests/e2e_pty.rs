@@ -180,8 +180,19 @@ fn script_bash_keeps_state_and_terminal() {
 /// foreground process group came back, and bash takes the terminal back.
 #[test]
 fn script_ctrl_c_reaches_foreground_job() {
+    ctrl_c("script_ctrl_c_reaches_foreground_job", false);
+}
+
+/// The same, restored into a new pid namespace (the saved pids of the
+/// session and the foreground group are the namespace's).
+#[test]
+fn script_ctrl_c_after_pidns_restore() {
+    ctrl_c("script_ctrl_c_after_pidns_restore", true);
+}
+
+fn ctrl_c(name: &str, pidns: bool) {
     let _l = lock();
-    let script = need!(script_bin(), "script_ctrl_c_reaches_foreground_job", "no script (util-linux)");
+    let script = need!(script_bin(), name, "no script (util-linux)");
     let t = TempDir::new("pty-intr");
     let r = Reaper::new();
     let mut sh = Shell::start(&r, &t, &script);
@@ -198,7 +209,19 @@ fn script_ctrl_c_reaches_foreground_job() {
     let img = t.sub("img");
     let (_, all) = dump_kill(&[sh.script], &img, &[]);
     assert!(all.contains(&sleep));
-    restore_ok(&img, &r, &all);
+    // Saved pid -> pid as this test sees it.
+    let host = |p: i32, map: &serde_json::Value| map.get(p.to_string()).and_then(|v| v.as_i64()).unwrap_or(p as i64) as i32;
+    let map = if pidns {
+        let run = snap(&["restore", "-D", &img.to_string_lossy(), "-d", "--pidns", "--json"]);
+        assert!(run.ok(), "snap restore --pidns failed: {}", run.describe());
+        let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        r.add(v["pidns_init"].as_i64().expect("pidns_init") as i32);
+        v["host_pids"].clone()
+    } else {
+        restore_ok(&img, &r, &all);
+        serde_json::Value::Null
+    };
+    let (bash, sleep) = (host(bash, &map), host(sleep, &map));
     assert_eq!(stat_ids(bash)[3], sleep as i64, "foreground group after restore");
     assert_eq!(stat_ids(sleep)[0], sleep as i64);
 

@@ -336,7 +336,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
             }
             let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
             r.write(pool.scratch(), &fg.to_ne_bytes())?;
-            r.call(libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP as u64, pool.scratch(), 0, 0, 0])
+            r.call(libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP, pool.scratch(), 0, 0, 0])
                 .with_context(|| format!("pid {sid}: setting the foreground process group {fg} (TIOCSPGRP)"))?;
         }
         // 6. Each process.
