@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the WHOLE snap test suite (unit tests and end-to-end tests), as root.
 # Installs what the e2e fixtures need (gcc, python3, util-linux's setpriv,
-# redis-server, redis-tools, nginx-light, curl)
+# redis-server, redis-tools, nginx-light, curl, script from bsdutils, tmux)
 # with apt-get when missing. Tests run one at a time: every restore needs
 # its exact PIDs free (the harness also holds a lock per test).
 set -euo pipefail
@@ -10,6 +10,8 @@ need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 [ -x /usr/bin/python3 ] || need+=(python3)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v script >/dev/null || need+=(bsdutils)   # tests/e2e_pty.rs
+command -v tmux >/dev/null || need+=(tmux)           # tests/e2e_pty.rs
 command -v bash >/dev/null || need+=(bash)
 # Real programs of tests/e2e_servers.rs, run directly (never as services).
 command -v redis-server >/dev/null || need+=(redis-server)

@@ -226,7 +226,7 @@ fn dump_and_restore_fds() {
     let taken = take_fds(pid, &nums);
     let mut ctx = DumpCtx::new(false);
     let entries = ctx.dump_fds(pid, &taken).unwrap();
-    let (image, blobs) = ctx.finish();
+    let (image, blobs) = ctx.finish().unwrap();
     assert_eq!(entries.len(), 7);
     assert_eq!(image.files.len(), 7);
     let kind_of = |fd: i32| {
@@ -332,7 +332,7 @@ fn shared_description_between_parent_and_child() {
     let mut ctx = DumpCtx::new(false);
     let pe = ctx.dump_fds(parent, &take_fds(parent, &[f, d])).unwrap();
     let ce = ctx.dump_fds(child, &take_fds(child, &[f, d, other])).unwrap();
-    let (image, _) = ctx.finish();
+    let (image, _) = ctx.finish().unwrap();
     assert_eq!(image.files.len(), 2, "{image:?}");
     let id = pe[0].file;
     assert!(pe.iter().chain(&ce[..2]).all(|e| e.file == id));
@@ -490,4 +490,59 @@ fn mqueue_roundtrip() {
     assert_eq!(mq_drain(&orig_b), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "original unlinked queue");
     drop(fds);
     let _ = snap::kinds::sys::mq_unlink(&cna);
+/// A pseudo-terminal pair held by one process (master, two slave
+/// descriptions): termios, window size, packet mode and TIOCEXCL come back
+/// on a new pair, whose slaves reach the new master.
+#[test]
+fn pty_pair_roundtrip() {
+    use snap::kinds::sys;
+    use std::os::fd::AsFd;
+    let script = "import termios, struct\n\
+         m, s = os.openpty()\n\
+         s2 = os.open(os.ttyname(s), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)\n\
+         a = termios.tcgetattr(s); a[3] &= ~termios.ECHO; a[6][termios.VINTR] = 7; termios.tcsetattr(s, termios.TCSANOW, a)\n\
+         fcntl.ioctl(m, termios.TIOCSWINSZ, struct.pack('HHHH', 33, 111, 0, 0))\n\
+         fcntl.ioctl(m, termios.TIOCPKT, struct.pack('i', 1))\n\
+         fcntl.ioctl(s, termios.TIOCEXCL)\n\
+         print(json.dumps([m, s, s2]))";
+    let (g, v) = python(script);
+    let pid = g.pid();
+    let nums: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let taken = take_fds(pid, &nums);
+    let lflag = sys::tcgets2(taken[1].1.as_fd()).unwrap().c_lflag;
+    let mut ctx = DumpCtx::new(false);
+    ctx.set_dumped(&[pid]);
+    let entries = ctx.dump_fds(pid, &taken).unwrap();
+    let (image, _) = ctx.finish().unwrap();
+    assert_eq!(image.files.len(), 3, "{image:?}");
+    let FileKind::PtyMaster { index, state, .. } = &image.files[entries[0].file as usize].kind else { panic!("{image:?}") };
+    assert_eq!((state.winsize.rows, state.winsize.cols), (33, 111));
+    assert!(state.packet && !state.locked);
+    assert_eq!(state.session, 0);
+    assert_eq!(state.termios.lflag, lflag);
+    for e in &entries[1..] {
+        assert!(matches!(&image.files[e.file as usize].kind, FileKind::PtySlave { index: i, exclusive: true, .. } if i == index));
+    }
+    // The target's pair is untouched.
+    assert_eq!(sys::ioctl_get_int(taken[0].1.as_fd(), libc::TIOCGPKT).unwrap(), 1);
+    drop(taken);
+    drop(g);
+
+    let fds = kinds::restore_files(&image, &|_| unreachable!("no blobs"), false).unwrap();
+    let (m, s, s2) = (&fds[&entries[0].file], &fds[&entries[1].file], &fds[&entries[2].file]);
+    let t = sys::tcgets2(s.as_fd()).unwrap();
+    assert_eq!(t.c_lflag, lflag);
+    assert_eq!(t.c_lflag & libc::ECHO, 0);
+    assert_eq!(t.c_cc[libc::VINTR], 7);
+    let w = sys::get_winsize(s.as_fd()).unwrap();
+    assert_eq!((w.ws_row, w.ws_col), (33, 111));
+    assert_eq!(sys::ioctl_get_int(m.as_fd(), libc::TIOCGPKT).unwrap(), 1);
+    assert_eq!(sys::ioctl_get_int(s.as_fd(), libc::TIOCGEXCL).unwrap(), 1);
+    assert_ne!(getfl(s2) & libc::O_NONBLOCK, 0);
+    assert_eq!(getfl(s) & libc::O_NONBLOCK, 0);
+    // Data from a slave reaches the master (packet mode: a 0 byte first).
+    nix::unistd::write(s2, b"hi").unwrap();
+    let mut buf = [0u8; 16];
+    let n = nix::unistd::read(m.as_raw_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"\0hi");
 }

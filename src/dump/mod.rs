@@ -375,7 +375,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
-    let (files, blobs) = fctx.finish();
+    let (files, blobs) = fctx.finish()?;
     w.write_json("files.json", &files)?;
     for (name, data) in blobs {
         w.write_bytes(&name, &data)?;

@@ -399,6 +399,14 @@ pub enum FileKind {
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).
     Tty { path: String },
+    /// The master side of a pseudo-terminal (`/dev/ptmx`), pts number
+    /// `index` at dump, with the state of the pair (`kinds/pty.rs`).
+    /// Restore opens a new pair; the pts number may differ.
+    PtyMaster { path: String, index: u32, state: crate::kinds::pty::PtyState },
+    /// A slave side (`/dev/pts/N`) of a pseudo-terminal whose master is in
+    /// the dump too (the `PtyMaster` with the same `index`).
+    /// `exclusive`: TIOCEXCL was set on it.
+    PtySlave { path: String, index: u32, exclusive: bool },
     /// A connected Unix-domain socket whose peer is in the dump too
     /// (socketpair, or an accepted socket and its client). Restored as a
     /// socketpair() with its peer. `ino`/`peer`: socket inodes at dump.

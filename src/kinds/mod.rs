@@ -35,6 +35,7 @@ pub mod memfd;
 pub mod mqueue;
 pub mod pidfd;
 pub mod pipe;
+pub mod pty;
 pub mod regular;
 pub mod signalfd;
 pub mod sys;
@@ -74,6 +75,8 @@ pub struct DumpShared {
     pub saved: HashSet<String>,
     /// Every process of the dump (a pidfd must refer to one of them).
     pub dumped: Vec<Pid>,
+    /// Pseudo-terminal descriptors seen, checked against each other at the end.
+    pub ptys: Vec<pty::Seen>,
 }
 
 /// One kind of descriptor, dump side.
@@ -90,6 +93,7 @@ pub const REGISTRY: &[Kind] = &[
     memfd::KIND,
     deleted::KIND,
     regular::KIND,
+    pty::KIND,
     chardev::KIND,
     pipe::KIND,
     eventfd::KIND,
@@ -150,7 +154,7 @@ impl DumpCtx {
     pub fn new(shell_job: bool) -> Self {
         DumpCtx {
             files: Vec::new(),
-            shared: DumpShared { shell_job, blobs: Vec::new(), saved: HashSet::new(), dumped: Vec::new() },
+            shared: DumpShared { shell_job, blobs: Vec::new(), saved: HashSet::new(), dumped: Vec::new(), ptys: Vec::new() },
             index: HashMap::new(),
         }
     }
@@ -205,9 +209,13 @@ impl DumpCtx {
         Ok(FdEntry { fd: fd.0, cloexec, file: id })
     }
 
-    /// The files image and the extra blobs to write next to it.
-    pub fn finish(self) -> (FilesImage, Vec<(String, Vec<u8>)>) {
-        (FilesImage { files: self.files }, self.shared.blobs)
+    /// The files image and the extra blobs to write next to it, once the
+    /// checks that need every process are done (pseudo-terminal pairs).
+    pub fn finish(mut self) -> Result<(FilesImage, Vec<(String, Vec<u8>)>)> {
+        let who: HashMap<u32, (Pid, RemoteFd)> =
+            self.index.values().flatten().map(|&(id, pid, fd)| (id, (pid, fd))).collect();
+        pty::check(&mut self.files, &who, &self.shared)?;
+        Ok((FilesImage { files: self.files }, self.shared.blobs))
     }
 }
 
@@ -271,6 +279,8 @@ pub struct RestoreCtx<'a> {
     pub memfds: HashMap<String, OwnedFd>,
     /// POSIX message queues found or created, by queue inode at dump.
     pub mqueues: HashMap<u64, mqueue::Held>,
+    /// Pseudo-terminal pairs, by saved pts number.
+    pub ptys: pty::Ptys,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -280,7 +290,16 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new(), mqueues: HashMap::new() };
+    let mut ctx = RestoreCtx {
+        read_blob,
+        shell_job,
+        pipes: HashMap::new(),
+        deleted: HashMap::new(),
+        unix: HashMap::new(),
+        memfds: HashMap::new(),
+        mqueues: HashMap::new(),
+        ptys: pty::Ptys::new(files),
+    };
     let mut out = HashMap::with_capacity(files.files.len());
     for of in &files.files {
         let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
@@ -308,6 +327,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Inotify { .. } => inotify::restore(of, ctx),
         FileKind::Mqueue { .. } => mqueue::restore(of, ctx),
         FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
+        FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => pty::restore(of, ctx),
     }
 }
 

@@ -347,6 +347,24 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         if let Some(i) = &ipc {
             i.from_inside(&host, pool.ctl, pool.scratch(), pool.scratch_len())?;
         }
+        // Foreground groups of the restored controlling terminals, set by
+        // the session leader (only a member of the session may).
+        for (sid, fg) in crate::kinds::pty::foreground(&plan.files) {
+            let (Some(fd), Some(&h)) = (pool.ctty_fd(sid), host.get(&sid)) else {
+                bail!("pid {sid}: session leader with a pseudo-terminal, not restored alive");
+            };
+            if fg == 0 || fg == sid {
+                continue; // the leader's own group is the foreground already
+            }
+            if !live.iter().any(|p| plan.procs[p].pgid == fg) {
+                eprintln!("snap: warning: session {sid}: foreground process group {fg} has no process in the image; the leader's group stays in the foreground");
+                continue;
+            }
+            let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
+            r.write(pool.scratch(), &fg.to_ne_bytes())?;
+            r.call(libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP, pool.scratch(), 0, 0, 0])
+                .with_context(|| format!("pid {sid}: setting the foreground process group {fg} (TIOCSPGRP)"))?;
+        }
         // 6. Each process.
         for &pid in &live {
             let p = &plan.procs[&pid];

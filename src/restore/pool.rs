@@ -31,6 +31,9 @@ pub struct Pool {
     files: HashMap<u32, RawFd>,
     maps: HashMap<(String, bool), RawFd>,
     shmem: HashMap<u64, RawFd>,
+    /// Session leader's pid -> a slave of the pseudo-terminal that is its
+    /// controlling terminal (TIOCSCTTY, TIOCSPGRP).
+    ctty: HashMap<i32, RawFd>,
     owned: Vec<OwnedFd>,
     /// Sizes of the SysV segments (`ipc.json`), by id, for the attachments.
     pub sysv_sizes: BTreeMap<i32, u64>,
@@ -45,6 +48,10 @@ impl Pool {
     }
     pub fn shmem_fd(&self, id: u64) -> Option<RawFd> {
         self.shmem.get(&id).copied()
+    }
+    /// A slave of the controlling terminal of the session led by `sid`.
+    pub fn ctty_fd(&self, sid: i32) -> Option<RawFd> {
+        self.ctty.get(&sid).copied()
     }
     /// Scratch space inside the control area.
     pub fn scratch(&self) -> u64 {
@@ -123,6 +130,7 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool
         files: HashMap::new(),
         maps: HashMap::new(),
         shmem: HashMap::new(),
+        ctty: HashMap::new(),
         owned: Vec::new(),
         sysv_sizes: BTreeMap::new(),
     };
@@ -130,6 +138,10 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool
     let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
     crate::kinds::locks::prepare(plan.procs.values());
     let memfds = crate::kinds::memfd::by_inode(&plan.files, &files);
+    for (sid, fd) in crate::kinds::pty::ctty_fds(&plan.files, &files)? {
+        let n = pool.adopt(fd)?;
+        pool.ctty.insert(sid, n);
+    }
     for (id, fd) in files {
         let n = pool.adopt(fd)?;
         pool.files.insert(id, n);
