@@ -173,7 +173,7 @@ fn vmas_and_ranges() {
 
     let bv = find(ba);
     assert_eq!(bv.kind, VmaKind::Anon);
-    let r = mm::dump_ranges(pid, bv).unwrap();
+    let r = mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), bv).unwrap();
     let page = ba & !4095;
     let end = (ba + (16 << 20)) & !4095;
     assert!(
@@ -187,7 +187,7 @@ fn vmas_and_ranges() {
         VmaKind::SharedAnon { size, .. } => assert_eq!(size, 1 << 20),
         ref k => panic!("mmap(-1) is {k:?}"),
     }
-    let r = mm::dump_ranges(pid, mv).unwrap();
+    let r = mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), mv).unwrap();
     // Page 2 was written by a child only: still found, through the object.
     assert_eq!(r, vec![(ma, 4096), (ma + 8192, 4096)]);
 
@@ -198,7 +198,7 @@ fn vmas_and_ranges() {
         .iter()
         .find(|x| matches!(&x.kind, VmaKind::File { file } if file.path.contains("libc")) && x.prot & 2 == 0)
         .unwrap();
-    assert!(mm::dump_ranges(pid, lib).unwrap().is_empty());
+    assert!(mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), lib).unwrap().is_empty());
     assert!(!mm::unreadable(bv));
 }
 
@@ -442,7 +442,7 @@ fn mqueue_roundtrip() {
     let mut ctx = DumpCtx::new(false);
     ctx.set_dumped(&[pid]);
     let entries = ctx.dump_fds(pid, &taken).unwrap();
-    let (image, blobs) = ctx.finish();
+    let (image, blobs) = ctx.finish().unwrap();
     assert_eq!(image.files.len(), 3, "{image:?}");
     match &image.files[entries[0].file as usize].kind {
         FileKind::Mqueue { name, linked: true, maxmsg: 5, msgsize: 32, mode: 0o640, uid: 0, messages: 5, notify: None, .. } => {
@@ -490,6 +490,8 @@ fn mqueue_roundtrip() {
     assert_eq!(mq_drain(&orig_b), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "original unlinked queue");
     drop(fds);
     let _ = snap::kinds::sys::mq_unlink(&cna);
+}
+
 /// A pseudo-terminal pair held by one process (master, two slave
 /// descriptions): termios, window size, packet mode and TIOCEXCL come back
 /// on a new pair, whose slaves reach the new master.
