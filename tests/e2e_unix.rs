@@ -178,3 +178,66 @@ fn refuses_queued_scm_rights() {
     let res = wait_file(&d, "result", secs(30));
     assert_eq!(res, "ok");
 }
+
+/// Names, backlogs and lone sockets (fixtures/py_unix_names.py): accepted
+/// connections keep their listener's name (path and abstract) and the
+/// clients see it as their peer's; connections waiting in a backlog come
+/// back from accept(); bound datagram sockets keep their queued datagrams
+/// with each sender's address; fresh sockets and a named datagram pair come
+/// back too.
+#[test]
+fn names_backlogs_and_lone_sockets() {
+    let _l = lock();
+    need!(python3(), "names_backlogs_and_lone_sockets", "no python3");
+    let t = TempDir::new("unixnames");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_names.py");
+    let img = t.sub("img");
+    dump_kill(&[pids[0]], &img, &[]);
+    let files = std::fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("unix_lone") && files.contains("\"pending\": [") && files.contains("\"listener\": "), "{files}");
+    restore_ok(&img, &r, &pids);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// The same workload dumped with --leave-running notices nothing: queues,
+/// backlogs and senders are all still there.
+#[test]
+fn names_dump_leaves_everything() {
+    let _l = lock();
+    need!(python3(), "names_dump_leaves_everything", "no python3");
+    let t = TempDir::new("unixnamesleave");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_names.py");
+    dump_ok(&[pids[0]], &t.sub("img"), &["--leave-running"]);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// A client of the dump waiting in a backlog that already sent data: the
+/// data sits in the server end, which cannot be read without accepting
+/// it: refused naming the listener, and the workload still gets it.
+#[test]
+fn refuses_backlog_client_with_data() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_backlog_client_with_data", "no python3");
+    let t = TempDir::new("unixbldata");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let path = d.join("l.sock");
+    let code = format!(
+        "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({p:?})\ns.listen(3)\nc=socket.socket(socket.AF_UNIX)\nc.connect({p:?})\nc.sendall(b'early')\nopen({t:?},'w').write('%d' % os.getpid())\nos.rename({t:?},{r:?})\ntime.sleep(1)\na,_=s.accept()\nopen({res:?},'w').write('ok' if a.recv(10)==b'early' else 'FAIL')\ntime.sleep(1000)\n",
+        p = path.to_str().unwrap(),
+        t = d.join("r.tmp").to_str().unwrap(),
+        r = d.join("ready").to_str().unwrap(),
+        res = d.join("result").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    let e = &run.stderr;
+    assert!(e.contains("backlog") && e.contains("already sent data") && e.contains(path.to_str().unwrap()) && e.contains(&format!("pid {pid}")), "{e}");
+    assert_eq!(wait_file(&d, "result", secs(30)), "ok");
+}

@@ -353,7 +353,7 @@ fn scopeguard(p: Pid) -> KillOnDrop {
 
 #[test]
 fn socket_refused_naming_pid_and_fd() {
-    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\nprint(json.dumps(s.fileno()))");
+    let (g, v) = python("s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(json.dumps(s.fileno()))");
     let pid = g.pid();
     let fd = v.as_i64().unwrap() as i32;
     let mut ctx = DumpCtx::new(false);
@@ -361,6 +361,25 @@ fn socket_refused_naming_pid_and_fd() {
     let msg = format!("{err:#}");
     assert!(msg.contains(&format!("pid {} fd {fd} (socket:[", pid.0)), "{msg}");
     assert!(msg.contains("sockets are not supported yet"), "{msg}");
+}
+
+/// A fresh Unix socket (socket() and nothing else) is described as a lone
+/// socket with its type and options.
+#[test]
+fn fresh_unix_socket_is_lone() {
+    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\nprint(json.dumps(s.fileno()))");
+    let pid = g.pid();
+    let fd = v.as_i64().unwrap() as i32;
+    let mut ctx = DumpCtx::new(false);
+    ctx.dump_fds(pid, &take_fds(pid, &[fd])).unwrap();
+    let (image, _) = ctx.finish();
+    match &image.files[0].kind {
+        FileKind::UnixLone { sock_type, name, rcvq, opts, .. } => {
+            assert_eq!(*sock_type, libc::SOCK_SEQPACKET as u32);
+            assert!(name.is_empty() && *rcvq == 0 && opts.passcred, "{image:?}");
+        }
+        k => panic!("{k:?}"),
+    }
 }
 
 /// An anonymous inode no kind handles (a pidfd) is refused, naming it.

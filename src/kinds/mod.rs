@@ -40,6 +40,8 @@ pub mod sys;
 pub mod timerfd;
 pub mod unix;
 pub mod unix_diag;
+pub mod unix_named;
+pub mod unix_queue;
 
 /// Everything known about one descriptor before a kind looks at it.
 pub struct Probe<'a> {
@@ -263,8 +265,8 @@ pub struct RestoreCtx<'a> {
     /// Deleted files already recreated, by blob name (one inode per dumped
     /// inode, however many descriptions it had).
     pub deleted: HashMap<String, deleted::Held>,
-    /// Unix socketpair ends waiting for their description, by socket inode.
-    pub unix: unix::HeldMap,
+    /// Unix sockets made ahead of their descriptions.
+    pub unix: unix::Restoring,
     /// memfds already created, by blob name (one per dumped inode).
     pub memfds: HashMap<String, OwnedFd>,
 }
@@ -276,15 +278,17 @@ pub fn restore_files(
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new() };
+    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: unix::Restoring::default(), memfds: HashMap::new() };
     let mut out = HashMap::with_capacity(files.files.len());
-    for of in &files.files {
-        let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
-        anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
+    // Unix sockets need an order among themselves (unix::restore_pass);
+    // for every other kind the order does not matter.
+    for pass in 0..3 {
+        for of in files.files.iter().filter(|f| unix::restore_pass(f) == pass) {
+            let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
+            anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
+        }
     }
-    if let Some(ino) = ctx.unix.keys().next() {
-        anyhow::bail!("files image has no description for Unix socket inode {ino}, the peer of a restored socket");
-    }
+    ctx.unix.check_done()?;
     // Dropping ctx closes the pipe ends no description of the image uses.
     Ok(out)
 }
@@ -302,7 +306,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
         FileKind::Epoll { .. } => epoll::restore(of, ctx),
         FileKind::Inotify { .. } => inotify::restore(of, ctx),
-        FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
+        FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } | FileKind::UnixLone { .. } => unix::restore(of, ctx),
     }
 }
 
