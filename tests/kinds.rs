@@ -277,7 +277,7 @@ fn dump_and_restore_fds() {
     // No JSON round trip here: see `files_image_json_roundtrip` (i128 in a
     // tagged enum does not deserialize).
     let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
-    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let fds = kinds::restore_files(&image, &read_blob, false, false).unwrap();
     let by_fd = |fd: i32| &fds[&entries.iter().find(|e| e.fd == fd).unwrap().file];
 
     let reg = by_fd(freg);

@@ -307,7 +307,7 @@ pub enum FileKind {
     /// restore. Its receive queue is in blob `unix-<ino>.rcvq`; `msgs` are
     /// the message lengths for SOCK_DGRAM/SOCK_SEQPACKET (one entry per
     /// message, in order). `file`: the socket file of a datagram socket
-    /// bound to a path of its own.
+    /// bound to a path of its own. `scm`: files in flight in its queue.
     UnixPeer {
         ino: u64,
         peer: u64,
@@ -324,6 +324,12 @@ pub enum FileKind {
         opts: UnixOpts,
         #[serde(default)]
         file: Option<SockFile>,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
+        /// The peer is outside the dump (`dump --ext-unix-sk`): restore
+        /// connects a new socket to `peer_name`, the outside listener's.
+        #[serde(default)]
+        ext: bool,
     },
     /// A listening Unix-domain socket bound to a path (`/…`) or an abstract
     /// name (`@…`). `mode`, `uid`, `gid`: of the socket file (path names
@@ -355,7 +361,19 @@ pub enum FileKind {
         senders: Vec<String>,
         shutdown: u32,
         opts: UnixOpts,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
     },
+}
+
+/// Files in flight (SCM_RIGHTS) with one queued message of a Unix socket:
+/// the message's index in `msgs` (on a stream socket with files in flight,
+/// `msgs` holds the lengths of the runs of bytes read at once), and the
+/// open files passed, by id in this files image, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScmFiles {
+    pub msg: u32,
+    pub files: Vec<u32>,
 }
 
 /// Mode and owner of the socket file of a Unix socket bound to a path.
@@ -383,6 +401,16 @@ pub struct UnixOpts {
     pub rcvbuf: u64,
     /// SO_PEEK_OFF (-1: off).
     pub peek_off: i64,
+    #[serde(default)]
+    pub passsec: bool,
+    /// SO_PASSPIDFD (false where the kernel lacks it).
+    #[serde(default)]
+    pub passpidfd: bool,
+    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds (0: none).
+    #[serde(default)]
+    pub rcvtimeo_us: u64,
+    #[serde(default)]
+    pub sndtimeo_us: u64,
 }
 
 /// Disposition of one signal.

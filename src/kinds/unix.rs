@@ -1,41 +1,58 @@
 //! Unix-domain sockets: connected pairs with both ends in the dump,
-//! listeners (with the connections waiting in their backlog), and sockets
+//! listeners (with the connections waiting in their backlog), sockets
 //! neither connected nor listening (fresh, or bound datagram sockets with
-//! their queued datagrams and senders).
+//! their queued datagrams and senders), files in flight in queues, and with
+//! `--ext-unix-sk` connections to a named socket outside the dump.
 //!
 //! Dump: sock_diag (`unix_diag.rs`) gives the type, state, name, peer
 //! inode, shutdown bits and, for a listener, its backlog and the clients
 //! whose connections wait in it. A connected socket's peer must be held
 //! only by processes of the dump (processes snap has seized: their
-//! TracerPid is snap); otherwise the dump is refused naming the peer's
-//! inode and name. A client whose connection waits in a backlog has no
-//! peer inode (the server end has no file yet): the listener is found by a
-//! sock_diag dump of every Unix socket, and must be in the dump too. Receive
-//! queues are read without consuming them (`unix_queue.rs`).
+//! TracerPid is snap), or be in flight in a queue of the dump; otherwise the
+//! dump is refused naming the peer's inode and name, unless `--ext-unix-sk`
+//! saves a stream connection by its outside peer's name. A client whose
+//! connection waits in a backlog has no peer inode (the server end has no
+//! file yet): the listener is found by a sock_diag dump of every Unix
+//! socket. Receive queues are read without consuming them
+//! (`unix_queue.rs`); the files in flight with a message (SCM_RIGHTS) come
+//! out of the peek as snap's own duplicates and are described by the other
+//! kinds like any open file (`DumpShared::inflight`, `DumpCtx`), so one also
+//! held by a process stays one description. Options kept: SO_PASSCRED,
+//! SO_PASSSEC, SO_PASSPIDFD, SO_SNDBUF, SO_RCVBUF, SO_RCVTIMEO, SO_SNDTIMEO,
+//! SO_PEEK_OFF, and O_NONBLOCK.
 //!
 //! Restore runs in three passes (`restore_pass`): (0) connected pairs, (1)
 //! listeners and lone sockets, (2) the rest, clients waiting in a backlog
-//! among them. A pair of unnamed ends is a socketpair(); a stream or
-//! seqpacket pair with a name is connected through a temporary listener so
-//! the accepted end carries the listener's name and the other end its own
-//! (`unix_named.rs`: path names are bound in a private root, so nothing
-//! shows at the real path; abstract names before any listener takes them:
-//! hence pass 0). A datagram pair is a socketpair whose named ends are then
-//! bound for real. Each end's saved receive queue is written into its
-//! peer's end, then options and shutdown bits are set. A listener is bound
-//! again (a stale socket file at its path is removed first; anything else
-//! there is an error), given its file's mode and owner, and listen()s; the
-//! clients waiting in its backlog connect to it right away, in order, and
-//! are handed to their descriptions in pass 2. A lone socket is bound to its
-//! name like a listener, and its saved datagrams are sent again from
-//! sockets with their senders' names.
+//! and connections to outside servers among them. A pair of unnamed ends
+//! is a socketpair(); a stream or seqpacket pair with a name is connected
+//! through a temporary listener so the accepted end carries the listener's
+//! name and the other end its own (`unix_named.rs`: path names are bound in
+//! a private root, so nothing shows at the real path; abstract names before
+//! any listener takes them: hence pass 0). A datagram pair is a
+//! socketpair whose named ends are then bound for real. A listener is
+//! bound again (a stale socket file at its path is removed first; anything
+//! else there is an error), given its file's mode and owner, and
+//! listen()s; the clients waiting in its backlog connect to it right away,
+//! in order, and are handed to their descriptions in pass 2. A lone socket
+//! is bound to its name like a listener. Once every open file of the image
+//! exists, the queues are written back (`Restoring::finish`): each message
+//! through the peer's end, or for a lone socket from a socket with its
+//! sender's name, with its files in flight; then options and shutdown bits
+//! are set.
 //!
-//! Not handled (refused): a connection whose peer is closed or outside the
-//! dump; a client in a backlog that already sent data (it sits in the
-//! server end, which cannot be read without accepting it) or is bound to a
-//! path; a datagram socket connected one way; queued control messages
-//! (SCM_RIGHTS, credentials); zero-length messages; listeners and lone
+//! Not handled (refused): a connection whose peer is closed, or outside
+//! the dump (without `--ext-unix-sk`, or with it when the peer has no name,
+//! is a datagram socket, or sent data still queued); a client in a backlog
+//! that already sent data (it sits in the server end, which cannot be read
+//! without accepting it) or is bound to a path; a datagram socket connected
+//! one way; queued credentials (SCM_CREDENTIALS: restore could only send
+//! them for a pid that already exists) and other control messages; an
+//! epoll instance in flight; zero-length messages; listeners and lone
 //! sockets bound to relative paths; a bound socket whose file is gone.
+//! Approximate: on a stream, files in flight are sent again with the whole
+//! run of bytes one peek returned (bytes queued just before them without
+//! files included), so a reader with a small buffer may see them a little
+//! earlier than before.
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,9 +65,10 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{socket, socketpair, AddressFamily, SockFlag, SockType};
 
-use super::unix_diag::{self as diag, UnixDiag, TCP_ESTABLISHED, TCP_LISTEN};
+use super::unix_diag::{self as diag, read_opts, set_opts, UnixDiag, TCP_ESTABLISHED, TCP_LISTEN};
 use super::unix_named::{self as named, show};
-use super::unix_queue::{self as queue, Queue};
+use super::unix_queue::{self as queue, files_of, take_files, Queue};
+pub use super::unix_queue::{check_inflight, resolve_inflight};
 use super::{DumpShared, Kind, Probe, RestoreCtx};
 use crate::images::records::{FileKind, OpenFile, PendingConn, SockFile, UnixOpts};
 
@@ -78,8 +96,12 @@ fn dump(p: &Probe, sh: &mut DumpShared) -> Option<Result<FileKind>> {
         }
         Err(e) => return Some(Err(e.context(p.what()))),
     };
+    if p.pid.0 == std::process::id() as i32 {
+        // Our own copy of a socket in flight in a queue of the dump.
+        sh.unix_inflight.insert(d.ino);
+    }
     let r = if d.state == TCP_LISTEN {
-        dump_listen(p, &d)
+        dump_listen(p, sh, &d)
     } else if d.state == TCP_ESTABLISHED || d.peer != 0 {
         dump_peer(p, sh, &d)
     } else {
@@ -121,16 +143,6 @@ fn stored_name(n: &[u8]) -> Result<String> {
     Ok(s.to_string())
 }
 
-fn read_opts(fd: BorrowedFd<'_>) -> Result<UnixOpts> {
-    let g = |opt, what| diag::get_int(fd, libc::SOL_SOCKET, opt).with_context(|| format!("getsockopt({what})"));
-    Ok(UnixOpts {
-        passcred: g(libc::SO_PASSCRED, "SO_PASSCRED")? != 0,
-        sndbuf: g(libc::SO_SNDBUF, "SO_SNDBUF")? as u64,
-        rcvbuf: g(libc::SO_RCVBUF, "SO_RCVBUF")? as u64,
-        peek_off: g(libc::SO_PEEK_OFF, "SO_PEEK_OFF")? as i64,
-    })
-}
-
 /// Mode and owner of the socket file of a socket bound to the path `name`,
 /// checked to be that socket's file (`vfs` from sock_diag).
 fn sock_file(name: &str, vfs: Option<(u64, u64)>) -> Result<SockFile> {
@@ -147,7 +159,7 @@ fn sock_file(name: &str, vfs: Option<(u64, u64)>) -> Result<SockFile> {
     Ok(SockFile { mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid() })
 }
 
-fn dump_listen(p: &Probe, d: &UnixDiag) -> Result<FileKind> {
+fn dump_listen(p: &Probe, sh: &mut DumpShared, d: &UnixDiag) -> Result<FileKind> {
     let name = stored_name(&d.name)?;
     ensure!(!name.is_empty(), "listening Unix socket without a name: not supported yet");
     let (_, backlog) = d.rqlen.ok_or_else(|| anyhow!("sock_diag gave no backlog"))?;
@@ -156,7 +168,7 @@ fn dump_listen(p: &Probe, d: &UnixDiag) -> Result<FileKind> {
         let what = format!("listening Unix socket {}: a connection waiting in its backlog", show_name(&d.name));
         ensure!(c != 0, "{what} comes from a client that has closed: not supported");
         let cd = diag::query(c)?.ok_or_else(|| anyhow!("{what}, from socket inode {c}, is unknown to sock_diag"))?;
-        check_in_dump(c, &format!("its client, Unix socket inode {c} ({})", show_name(&cd.name)))
+        check_in_dump(sh, c, &format!("its client, Unix socket inode {c} ({})", show_name(&cd.name)))
             .with_context(|| what.clone())?;
         pending.push(PendingConn { ino: c, name: stored_name(&cd.name).with_context(|| what.clone())? });
     }
@@ -203,14 +215,16 @@ fn in_dump(pid: i32) -> bool {
 
 /// The socket `ino` (described as `desc`) must be held by processes of the
 /// dump and by nobody else.
-fn check_in_dump(ino: u64, desc: &str) -> Result<()> {
+/// Held by nobody: it may be in flight in a queue of the dump, which
+/// `check_inflight` tells at the end.
+fn check_in_dump(sh: &mut DumpShared, ino: u64, desc: &str) -> Result<()> {
     let all = holders(ino);
     let outside: Vec<String> = all.iter().filter(|&&h| !in_dump(h)).map(|h| h.to_string()).collect();
     if !outside.is_empty() {
         bail!("{desc} is held by process(es) outside the dump ({}): refusing", outside.join(", "));
     }
     if all.is_empty() {
-        bail!("{desc} is not held by any process of the dump (in flight in SCM_RIGHTS, or outside): refusing");
+        sh.unix_unheld.push((ino, desc.to_string()));
     }
     Ok(())
 }
@@ -229,10 +243,21 @@ fn dump_peer(p: &Probe, sh: &mut DumpShared, d: &UnixDiag) -> Result<FileKind> {
     let opts = read_opts(p.ours)?;
     let name = stored_name(&d.name)?;
     if d.peer == 0 {
-        return dump_pending(d, name, opts);
+        return dump_pending(p, sh, d, name, opts);
     }
     let pd = diag::query(d.peer)?.ok_or_else(|| anyhow!("its peer, Unix socket inode {}, is unknown to sock_diag", d.peer))?;
-    check_in_dump(d.peer, &format!("its peer Unix socket inode {} ({})", d.peer, show_name(&pd.name)))?;
+    let desc = format!("its peer Unix socket inode {} ({})", d.peer, show_name(&pd.name));
+    let outside: Vec<String> = holders(d.peer).into_iter().filter(|&h| !in_dump(h)).map(|h| h.to_string()).collect();
+    if !outside.is_empty() {
+        if sh.ext_unix_sk {
+            return dump_ext(p, d, &desc, name, stored_name(&pd.name).context("its peer's name")?, opts);
+        }
+        bail!(
+            "{desc} is held by process(es) outside the dump ({}): refusing (with --ext-unix-sk a stream connection to a named socket outside is saved by that name and connected again at restore)",
+            outside.join(", ")
+        );
+    }
+    check_in_dump(sh, d.peer, &desc)?;
     if pd.peer != d.ino {
         bail!("its peer, Unix socket inode {}, is not connected back to it (a datagram socket connect()ed one way): not supported yet", d.peer);
     }
@@ -245,6 +270,7 @@ fn dump_peer(p: &Probe, sh: &mut DumpShared, d: &UnixDiag) -> Result<FileKind> {
     let file = if dgram && name.starts_with('/') { Some(sock_file(&name, d.vfs)?) } else { None };
     let rcvq = q.data.len() as u64;
     save_queue(sh, d.ino, q.data);
+    let scm = take_files(sh, q.fds);
     Ok(FileKind::UnixPeer {
         ino: d.ino,
         peer: d.peer,
@@ -257,20 +283,26 @@ fn dump_peer(p: &Probe, sh: &mut DumpShared, d: &UnixDiag) -> Result<FileKind> {
         shutdown: d.shutdown,
         opts,
         file,
+        scm,
+        ext: false,
     })
 }
 
 /// A connected socket without a peer inode: a client whose connection
 /// waits in a listener's backlog (the server end has no inode yet), or one
 /// whose peer has closed.
-fn dump_pending(d: &UnixDiag, name: String, opts: UnixOpts) -> Result<FileKind> {
+fn dump_pending(p: &Probe, sh: &mut DumpShared, d: &UnixDiag, name: String, opts: UnixOpts) -> Result<FileKind> {
     let ty = type_name(d.sock_type);
     let all = diag::query_all().context("listing Unix sockets")?;
     let Some(l) = all.iter().find(|l| l.state == TCP_LISTEN && l.icons.contains(&d.ino)) else {
         bail!("connected Unix {ty} socket whose peer is closed: not supported yet");
     };
     let what = format!("its connection waits in the backlog of the listener {} (inode {})", show_name(&l.name), l.ino);
-    check_in_dump(l.ino, &format!("the listener {} (inode {})", show_name(&l.name), l.ino)).with_context(|| what.clone())?;
+    let ldesc = format!("the listener {} (inode {})", show_name(&l.name), l.ino);
+    if sh.ext_unix_sk && holders(l.ino).iter().any(|&h| !in_dump(h)) {
+        return dump_ext(p, d, &ldesc, name, stored_name(&l.name)?, opts);
+    }
+    check_in_dump(sh, l.ino, &ldesc).with_context(|| what.clone())?;
     let (inq, outq) = d.rqlen.unwrap_or((0, 0));
     if outq > 0 {
         bail!("{what} and it already sent data there (about {outq} bytes): the server end cannot be read without accepting it; not supported");
@@ -289,6 +321,38 @@ fn dump_pending(d: &UnixDiag, name: String, opts: UnixOpts) -> Result<FileKind> 
         shutdown: d.shutdown,
         opts,
         file: None,
+        scm: Vec::new(),
+        ext: false,
+    })
+}
+
+/// `--ext-unix-sk`: a connection to `peer_name`, a named socket outside the
+/// dump (`desc`), saved by that name to be connected to again at restore.
+fn dump_ext(p: &Probe, d: &UnixDiag, desc: &str, name: String, peer_name: String, opts: UnixOpts) -> Result<FileKind> {
+    let what = format!("{desc} is outside the dump (--ext-unix-sk)");
+    ensure!(d.sock_type as i32 != libc::SOCK_DGRAM, "{what}: only stream and seqpacket connections are connected again");
+    ensure!(!peer_name.is_empty(), "{what}, and unnamed: nothing to connect to at restore; refusing");
+    ensure!(!name.starts_with('/'), "{what}, and this socket is bound to the path {name}: not supported");
+    let q = queue::read_queue(p.ours, d.sock_type as i32, opts.peek_off).context("reading the receive queue")?;
+    ensure!(
+        q.data.is_empty(),
+        "{what}, and {} bytes it sent are queued to this socket: they cannot be put back on a new connection; refusing",
+        q.data.len()
+    );
+    Ok(FileKind::UnixPeer {
+        ino: d.ino,
+        peer: d.peer,
+        sock_type: d.sock_type,
+        name,
+        peer_name,
+        listener: 0,
+        rcvq: 0,
+        msgs: Vec::new(),
+        shutdown: d.shutdown,
+        opts,
+        file: None,
+        scm: Vec::new(),
+        ext: true,
     })
 }
 
@@ -304,11 +368,12 @@ fn dump_lone(p: &Probe, sh: &mut DumpShared, d: &UnixDiag) -> Result<FileKind> {
         "an unnamed, unconnected Unix socket has {} bytes queued (from a peer since gone): not supported",
         q.data.len()
     );
-    let Queue { data, msgs, senders } = q;
+    let Queue { data, msgs, senders, fds } = q;
+    let scm = take_files(sh, fds);
     let senders = senders.iter().map(|s| stored_name(s).context("a queued datagram's sender")).collect::<Result<Vec<_>>>()?;
     let rcvq = data.len() as u64;
     save_queue(sh, d.ino, data);
-    Ok(FileKind::UnixLone { ino: d.ino, sock_type: d.sock_type, name, file, rcvq, msgs, senders, shutdown: d.shutdown, opts })
+    Ok(FileKind::UnixLone { ino: d.ino, sock_type: d.sock_type, name, file, rcvq, msgs, senders, shutdown: d.shutdown, opts, scm })
 }
 
 // ------------------------------------------------------------------ restore
@@ -320,11 +385,14 @@ pub struct Held {
     end: OwnedFd,
     /// A duplicate of the first end: the peer's queue is written into it.
     first: OwnedFd,
-    first_opts: UnixOpts,
-    first_shutdown: u32,
 }
 
-/// Unix sockets made ahead of their descriptions during one restore.
+/// Writing a saved queue back, given the restored files (by id) and the
+/// restored named datagram sockets.
+type Fill = Box<dyn FnOnce(&HashMap<u32, OwnedFd>, &HashMap<Vec<u8>, OwnedFd>) -> Result<()>>;
+
+/// Unix sockets made ahead of their descriptions during one restore, and
+/// the work left for the end.
 #[derive(Default)]
 pub struct Restoring {
     /// Ends of pairs waiting for their description, by socket inode.
@@ -334,6 +402,12 @@ pub struct Restoring {
     /// Restored datagram sockets bound to a name (raw bytes): saved
     /// datagrams from that name are sent from them.
     bound: HashMap<Vec<u8>, OwnedFd>,
+    /// Queues to write back once every file exists (files in flight go
+    /// with them), in order.
+    fills: Vec<Fill>,
+    /// Options and shutdown bits, set after every queue is written (a
+    /// filled sender's buffer was raised; a shut-down end cannot send).
+    settles: Vec<Box<dyn FnOnce() -> Result<()>>>,
 }
 
 impl Restoring {
@@ -347,12 +421,35 @@ impl Restoring {
         }
         Ok(())
     }
+
+    /// Write every saved queue back, then set options and shutdown bits.
+    /// `files`: every restored open file, by id.
+    pub fn finish(&mut self, files: &HashMap<u32, OwnedFd>) -> Result<()> {
+        self.check_done()?;
+        for f in self.fills.drain(..) {
+            f(files, &self.bound)?;
+        }
+        for s in self.settles.drain(..) {
+            s()?;
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self, what: String, fd: &OwnedFd, opts: &UnixOpts, sd: u32) -> Result<()> {
+        let fd = fd.try_clone().with_context(|| format!("{what}: dup"))?;
+        let opts = opts.clone();
+        self.settles.push(Box::new(move || {
+            set_opts(fd.as_fd(), &opts).with_context(|| format!("{what}: options"))?;
+            shutdown(fd.as_fd(), sd).with_context(|| format!("{what}: shutdown state"))
+        }));
+        Ok(())
+    }
 }
 
 /// Which restore pass a description belongs to (see the module comment).
 pub fn restore_pass(of: &OpenFile) -> u8 {
     match &of.kind {
-        FileKind::UnixPeer { listener: 0, .. } => 0,
+        FileKind::UnixPeer { listener: 0, ext: false, .. } => 0,
         FileKind::UnixListen { .. } | FileKind::UnixLone { .. } => 1,
         _ => 2,
     }
@@ -370,23 +467,6 @@ fn sock_type(t: u32) -> Result<SockType> {
 fn set_flags(fd: BorrowedFd<'_>, flags: u32) -> Result<()> {
     let fl = OFlag::from_bits_truncate((flags & libc::O_NONBLOCK as u32) as i32);
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(fl)).with_context(|| format!("F_SETFL {flags:#o}"))?;
-    Ok(())
-}
-
-/// Set a buffer size given as getsockopt shows it (doubled), past the
-/// sysctl limits if we may.
-pub fn set_buf(fd: BorrowedFd<'_>, force: i32, plain: i32, doubled: u64) -> nix::Result<()> {
-    let v = i32::try_from(doubled / 2).unwrap_or(i32::MAX);
-    diag::set_int(fd, libc::SOL_SOCKET, force, v).or_else(|_| diag::set_int(fd, libc::SOL_SOCKET, plain, v))
-}
-
-fn set_opts(fd: BorrowedFd<'_>, o: &UnixOpts) -> Result<()> {
-    set_buf(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, o.sndbuf).context("SO_SNDBUF")?;
-    set_buf(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, o.rcvbuf).context("SO_RCVBUF")?;
-    diag::set_int(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, o.passcred as i32).context("SO_PASSCRED")?;
-    if o.peek_off >= 0 {
-        diag::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, o.peek_off as i32).context("SO_PEEK_OFF")?;
-    }
     Ok(())
 }
 
@@ -437,6 +517,7 @@ fn read_queue_blob(ctx: &RestoreCtx, ino: u64, rcvq: u64) -> Result<Vec<u8>> {
 pub fn restore(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     match &of.kind {
         FileKind::UnixListen { .. } => restore_listen(of, ctx),
+        FileKind::UnixPeer { ext: true, .. } => restore_ext(of, ctx),
         FileKind::UnixPeer { listener: 0, .. } => restore_peer(of, ctx),
         FileKind::UnixPeer { .. } => restore_pending(of, ctx),
         FileKind::UnixLone { .. } => restore_lone(of, ctx),
@@ -475,29 +556,22 @@ fn make_pair(t: u32, name: &str, peer_name: &str, file: Option<&SockFile>) -> Re
 }
 
 fn restore_peer(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
-    let FileKind::UnixPeer { ino, peer, sock_type: t, name, peer_name, rcvq, msgs, shutdown: sd, opts, file, .. } = &of.kind else {
+    let FileKind::UnixPeer { ino, peer, sock_type: t, name, peer_name, rcvq, msgs, shutdown: sd, opts, file, scm, .. } = &of.kind else {
         bail!("not a connected Unix socket")
     };
     let what = format!("Unix socket inode {ino} (peer {peer})");
     let data = read_queue_blob(ctx, *ino, *rcvq).with_context(|| what.clone())?;
     let stream = *t as i32 == libc::SOCK_STREAM;
-    let fd = if let Some(h) = ctx.unix.held.remove(ino) {
+    let (fd, tx) = if let Some(h) = ctx.unix.held.remove(ino) {
         // The pair exists: our queue goes in through the first end.
-        queue::fill(h.first.as_fd(), &data, msgs, stream).with_context(|| what.clone())?;
         if let (Some(f), false) = (file, name.starts_with('@')) {
             fs::set_permissions(name, fs::Permissions::from_mode(f.mode)).with_context(|| format!("{what}: chmod {:o} {name}", f.mode))?;
             std::os::unix::fs::lchown(name, Some(f.uid), Some(f.gid)).with_context(|| format!("{what}: chown {name}"))?;
         }
-        set_opts(h.first.as_fd(), &h.first_opts).with_context(|| format!("{what}: options of its peer"))?;
-        set_opts(h.end.as_fd(), opts).with_context(|| format!("{what}: options"))?;
-        shutdown(h.first.as_fd(), h.first_shutdown).with_context(|| format!("{what}: peer's shutdown state"))?;
-        shutdown(h.end.as_fd(), *sd).with_context(|| format!("{what}: shutdown state"))?;
-        h.end
+        (h.end, h.first)
     } else {
         let (a, b) = make_pair(*t, name, peer_name, file.as_ref())
             .with_context(|| format!("{what}: connecting {} to {}", show(&named::raw(name)), show(&named::raw(peer_name))))?;
-        queue::fill(b.as_fd(), &data, msgs, stream).with_context(|| what.clone())?;
-        let first = a.try_clone().with_context(|| format!("{what}: dup"))?;
         if *t as i32 == libc::SOCK_DGRAM {
             for (n, f) in [(name, &a), (peer_name, &b)] {
                 if !n.is_empty() {
@@ -505,9 +579,38 @@ fn restore_peer(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
                 }
             }
         }
-        ctx.unix.held.insert(*peer, Held { end: b, first, first_opts: opts.clone(), first_shutdown: *sd });
-        a
+        let tx = b.try_clone().with_context(|| format!("{what}: dup"))?;
+        let first = a.try_clone().with_context(|| format!("{what}: dup"))?;
+        ctx.unix.held.insert(*peer, Held { end: b, first });
+        (a, tx)
     };
+    if !data.is_empty() {
+        let (msgs, scm, w) = (msgs.clone(), scm.clone(), what.clone());
+        ctx.unix.fills.push(Box::new(move |out, _| {
+            let files = files_of(&scm, out).with_context(|| w.clone())?;
+            queue::fill(tx.as_fd(), &data, &msgs, stream, &files).with_context(|| w.clone())
+        }));
+    }
+    ctx.unix.settle(what.clone(), &fd, opts, *sd)?;
+    set_flags(fd.as_fd(), of.flags).with_context(|| what.clone())?;
+    Ok(fd)
+}
+
+/// A connection to a server outside the image (`--ext-unix-sk`): a new
+/// socket connects to its name.
+fn restore_ext(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
+    let FileKind::UnixPeer { ino, sock_type: t, name, peer_name, shutdown: sd, opts, .. } = &of.kind else {
+        bail!("not a connected Unix socket")
+    };
+    let what = format!("Unix socket inode {ino}, connected to {peer_name} outside the image");
+    ensure!(ctx.ext_unix_sk, "{what}: restore with --ext-unix-sk to connect it again (the outside server must be listening)");
+    let fd = socket(AddressFamily::Unix, sock_type(*t)?, SockFlag::SOCK_CLOEXEC, None).with_context(|| format!("{what}: socket"))?;
+    if !name.is_empty() {
+        ensure!(name.starts_with('@'), "{what}: bound to a path: not supported");
+        diag::bind(fd.as_fd(), &named::raw(name)).with_context(|| format!("{what}: bind to {name}"))?;
+    }
+    diag::connect(fd.as_fd(), &named::raw(peer_name)).with_context(|| format!("{what}: connecting to {peer_name} (is the server running?)"))?;
+    ctx.unix.settle(what.clone(), &fd, opts, *sd)?;
     set_flags(fd.as_fd(), of.flags).with_context(|| what.clone())?;
     Ok(fd)
 }
@@ -520,8 +623,7 @@ fn restore_pending(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     };
     let what = format!("Unix socket inode {ino}, waiting in the backlog of {peer_name} (inode {listener})");
     let fd = ctx.unix.pending.remove(ino).ok_or_else(|| anyhow!("{what}: the files image has no such listener with it"))?;
-    set_opts(fd.as_fd(), opts).with_context(|| format!("{what}: options"))?;
-    shutdown(fd.as_fd(), *sd).with_context(|| format!("{what}: shutdown state"))?;
+    ctx.unix.settle(what.clone(), &fd, opts, *sd)?;
     set_flags(fd.as_fd(), of.flags).with_context(|| what.clone())?;
     Ok(fd)
 }
@@ -558,7 +660,7 @@ fn restore_listen(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
 }
 
 fn restore_lone(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
-    let FileKind::UnixLone { ino, sock_type: t, name, file, rcvq, msgs, senders, shutdown: sd, opts } = &of.kind else {
+    let FileKind::UnixLone { ino, sock_type: t, name, file, rcvq, msgs, senders, shutdown: sd, opts, scm } = &of.kind else {
         bail!("not an unconnected Unix socket")
     };
     let what = format!("Unix socket inode {ino} ({})", show(&named::raw(name)));
@@ -570,11 +672,14 @@ fn restore_lone(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     if !data.is_empty() {
         ensure!(!name.is_empty(), "{what}: queued data but no name to send it to");
         let senders: Vec<Vec<u8>> = senders.iter().map(|s| named::raw(s)).collect();
-        named::send_datagrams(&named::raw(name), &data, msgs, &senders, &ctx.unix.bound)
-            .with_context(|| format!("{what}: refilling its {} queued datagrams", msgs.len()))?;
+        let (to, msgs, scm, w) = (named::raw(name), msgs.clone(), scm.clone(), what.clone());
+        ctx.unix.fills.push(Box::new(move |out, bound| {
+            let files = files_of(&scm, out).with_context(|| w.clone())?;
+            named::send_datagrams(&to, &data, &msgs, &senders, bound, &files)
+                .with_context(|| format!("{w}: refilling its {} queued datagrams", msgs.len()))
+        }));
     }
-    set_opts(fd.as_fd(), opts).with_context(|| what.clone())?;
-    shutdown(fd.as_fd(), *sd).with_context(|| format!("{what}: shutdown state"))?;
+    ctx.unix.settle(what.clone(), &fd, opts, *sd)?;
     if *t as i32 == libc::SOCK_DGRAM && !name.is_empty() {
         ctx.unix.bound.insert(named::raw(name), fd.try_clone().with_context(|| format!("{what}: dup"))?);
     }

@@ -5,6 +5,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 
 use anyhow::{bail, ensure, Context, Result};
+
+use crate::images::records::UnixOpts;
 use nix::errno::Errno;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -170,6 +172,25 @@ pub fn get_int(fd: BorrowedFd<'_>, level: i32, opt: i32) -> nix::Result<i32> {
     // SAFETY: `v` and `len` are valid for writes; the kernel writes at most `len` bytes.
     let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
     Errno::result(r).map(|_| v)
+}
+
+/// getsockopt of a struct timeval, in microseconds.
+pub fn get_timeo(fd: BorrowedFd<'_>, opt: i32) -> nix::Result<u64> {
+    let mut v = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes; the kernel writes at most `len` bytes.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&mut v as *mut libc::timeval).cast(), &mut len) };
+    Errno::result(r).map(|_| v.tv_sec.max(0) as u64 * 1_000_000 + v.tv_usec.max(0) as u64)
+}
+
+/// setsockopt of a struct timeval given in microseconds.
+pub fn set_timeo(fd: BorrowedFd<'_>, opt: i32, us: u64) -> nix::Result<()> {
+    let v = libc::timeval { tv_sec: (us / 1_000_000) as libc::time_t, tv_usec: (us % 1_000_000) as libc::suseconds_t };
+    // SAFETY: `v` is a valid timeval for the length passed.
+    let r = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&v as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
+    };
+    Errno::result(r).map(|_| ())
 }
 
 /// setsockopt of one int.
@@ -349,3 +370,51 @@ pub fn listen(fd: BorrowedFd<'_>, backlog: i32) -> nix::Result<()> {
     // SAFETY: listen(2) with integer arguments.
     Errno::result(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(|_| ())
 }
+
+// ------------------------------------------------------------- options
+
+/// The options restore sets again.
+pub fn read_opts(fd: BorrowedFd<'_>) -> Result<UnixOpts> {
+    let g = |opt, what| get_int(fd, libc::SOL_SOCKET, opt).with_context(|| format!("getsockopt({what})"));
+    Ok(UnixOpts {
+        passcred: g(libc::SO_PASSCRED, "SO_PASSCRED")? != 0,
+        sndbuf: g(libc::SO_SNDBUF, "SO_SNDBUF")? as u64,
+        rcvbuf: g(libc::SO_RCVBUF, "SO_RCVBUF")? as u64,
+        peek_off: g(libc::SO_PEEK_OFF, "SO_PEEK_OFF")? as i64,
+        passsec: g(libc::SO_PASSSEC, "SO_PASSSEC")? != 0,
+        passpidfd: match get_int(fd, libc::SOL_SOCKET, SO_PASSPIDFD) {
+            Ok(v) => v != 0,
+            Err(Errno::ENOPROTOOPT) => false,
+            Err(e) => return Err(e).context("getsockopt(SO_PASSPIDFD)"),
+        },
+        rcvtimeo_us: get_timeo(fd, libc::SO_RCVTIMEO).context("getsockopt(SO_RCVTIMEO)")?,
+        sndtimeo_us: get_timeo(fd, libc::SO_SNDTIMEO).context("getsockopt(SO_SNDTIMEO)")?,
+    })
+}
+
+/// Not in every libc crate yet (Linux 6.5+).
+const SO_PASSPIDFD: i32 = 76;
+
+/// Set a buffer size given as getsockopt shows it (doubled), past the
+/// sysctl limits if we may.
+pub fn set_buf(fd: BorrowedFd<'_>, force: i32, plain: i32, doubled: u64) -> nix::Result<()> {
+    let v = i32::try_from(doubled / 2).unwrap_or(i32::MAX);
+    set_int(fd, libc::SOL_SOCKET, force, v).or_else(|_| set_int(fd, libc::SOL_SOCKET, plain, v))
+}
+
+pub fn set_opts(fd: BorrowedFd<'_>, o: &UnixOpts) -> Result<()> {
+    set_buf(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, o.sndbuf).context("SO_SNDBUF")?;
+    set_buf(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, o.rcvbuf).context("SO_RCVBUF")?;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, o.passcred as i32).context("SO_PASSCRED")?;
+    if o.peek_off >= 0 {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, o.peek_off as i32).context("SO_PEEK_OFF")?;
+    }
+    set_int(fd, libc::SOL_SOCKET, libc::SO_PASSSEC, o.passsec as i32).context("SO_PASSSEC")?;
+    if o.passpidfd {
+        set_int(fd, libc::SOL_SOCKET, SO_PASSPIDFD, 1).context("SO_PASSPIDFD")?;
+    }
+    set_timeo(fd, libc::SO_RCVTIMEO, o.rcvtimeo_us).context("SO_RCVTIMEO")?;
+    set_timeo(fd, libc::SO_SNDTIMEO, o.sndtimeo_us).context("SO_SNDTIMEO")?;
+    Ok(())
+}
+

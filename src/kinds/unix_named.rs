@@ -118,6 +118,7 @@ pub fn send_datagrams(
     msgs: &[u64],
     senders: &[Vec<u8>],
     known: &HashMap<Vec<u8>, OwnedFd>,
+    files: &unix_queue::FilesOf<'_>,
 ) -> Result<()> {
     anyhow::ensure!(senders.len() == msgs.len(), "{} senders for {} saved datagrams", senders.len(), msgs.len());
     let lens = unix_queue::lengths(data, msgs, false)?;
@@ -150,9 +151,9 @@ pub fn send_datagrams(
             raised.push((k.as_fd(), v));
         }
     }
-    let r = send_all(to, data, lens, senders, known, &temps);
+    let r = send_all(to, data, lens, senders, known, &temps, files);
     for (k, v) in raised {
-        super::unix::set_buf(k, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, v as u64).context("putting SO_SNDBUF back")?;
+        diag::set_buf(k, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, v as u64).context("putting SO_SNDBUF back")?;
     }
     r
 }
@@ -164,13 +165,14 @@ fn send_all(
     senders: &[Vec<u8>],
     known: &HashMap<Vec<u8>, OwnedFd>,
     temps: &HashMap<&[u8], OwnedFd>,
+    files: &unix_queue::FilesOf<'_>,
 ) -> Result<()> {
     let mut off = 0;
-    for (len, s) in lens.into_iter().zip(senders) {
+    for (i, (len, s)) in lens.into_iter().zip(senders).enumerate() {
         let msg = &data[off..off + len];
         let r = match known.get(s) {
-            Some(k) => unix_queue::send_one(k.as_fd(), msg, Some(to), false),
-            None => unix_queue::send_one(temps[s.as_slice()].as_fd(), msg, None, false),
+            Some(k) => unix_queue::send_one(k.as_fd(), msg, Some(to), false, &files(i)),
+            None => unix_queue::send_one(temps[s.as_slice()].as_fd(), msg, None, false, &files(i)),
         };
         r.with_context(|| format!("sending a saved {len}-byte datagram from {} to {}", show(s), show(to)))?;
         off += len;

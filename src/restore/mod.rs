@@ -243,7 +243,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     }
     crate::images::dir::timing("restore: image loaded, PIDs free");
     // 3. Pool.
-    let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
+    let mut pool = pool::build(&plan, &img, &store, a.shell_job, a.ext_unix_sk)?;
     // 4. Fork the trees.
     let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: !a.pidns };
     let live: Vec<i32> =
