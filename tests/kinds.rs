@@ -277,7 +277,7 @@ fn dump_and_restore_fds() {
     // No JSON round trip here: see `files_image_json_roundtrip` (i128 in a
     // tagged enum does not deserialize).
     let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
-    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let fds = kinds::restore_files(&image, &read_blob, false, false).unwrap();
     let by_fd = |fd: i32| &fds[&entries.iter().find(|e| e.fd == fd).unwrap().file];
 
     let reg = by_fd(freg);
@@ -353,7 +353,7 @@ fn scopeguard(p: Pid) -> KillOnDrop {
 
 #[test]
 fn socket_refused_naming_pid_and_fd() {
-    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\nprint(json.dumps(s.fileno()))");
+    let (g, v) = python("s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(json.dumps(s.fileno()))");
     let pid = g.pid();
     let fd = v.as_i64().unwrap() as i32;
     let mut ctx = DumpCtx::new(false);
@@ -361,6 +361,25 @@ fn socket_refused_naming_pid_and_fd() {
     let msg = format!("{err:#}");
     assert!(msg.contains(&format!("pid {} fd {fd} (socket:[", pid.0)), "{msg}");
     assert!(msg.contains("sockets are not supported yet"), "{msg}");
+}
+
+/// A fresh Unix socket (socket() and nothing else) is described as a lone
+/// socket with its type and options.
+#[test]
+fn fresh_unix_socket_is_lone() {
+    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\nprint(json.dumps(s.fileno()))");
+    let pid = g.pid();
+    let fd = v.as_i64().unwrap() as i32;
+    let mut ctx = DumpCtx::new(false);
+    ctx.dump_fds(pid, &take_fds(pid, &[fd])).unwrap();
+    let (image, _) = ctx.finish().unwrap();
+    match &image.files[0].kind {
+        FileKind::UnixLone { sock_type, name, rcvq, opts, .. } => {
+            assert_eq!(*sock_type, libc::SOCK_SEQPACKET as u32);
+            assert!(name.is_empty() && *rcvq == 0 && opts.passcred, "{image:?}");
+        }
+        k => panic!("{k:?}"),
+    }
 }
 
 /// An anonymous inode no kind handles (a pidfd) is refused, naming it.
@@ -465,7 +484,7 @@ fn mqueue_roundtrip() {
     snap::kinds::sys::mq_unlink(&cna).unwrap();
     let blobs: HashMap<String, Vec<u8>> = blobs.into_iter().collect();
     let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
-    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let fds = kinds::restore_files(&image, &read_blob, false, false).unwrap();
     let by = |i: usize| &fds[&entries[i].file];
     let (ra, ra2, rb) = (by(0), by(1), by(2));
     assert_eq!(getfl(ra) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_RDWR | libc::O_NONBLOCK);
@@ -530,7 +549,7 @@ fn pty_pair_roundtrip() {
     drop(taken);
     drop(g);
 
-    let fds = kinds::restore_files(&image, &|_| unreachable!("no blobs"), false).unwrap();
+    let fds = kinds::restore_files(&image, &|_| unreachable!("no blobs"), false, false).unwrap();
     let (m, s, s2) = (&fds[&entries[0].file], &fds[&entries[1].file], &fds[&entries[2].file]);
     let t = sys::tcgets2(s.as_fd()).unwrap();
     assert_eq!(t.c_lflag, lflag);

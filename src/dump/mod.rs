@@ -177,6 +177,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     drop(barrier);
     let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
+    fctx.set_ext_unix_sk(a.ext_unix_sk);
     fctx.set_dumped(&seized.pids);
     let mut shmem: ShmemPages = BTreeMap::new();
     let mut total_pages: u64 = 0;
@@ -375,6 +376,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
+    fctx.check_done()?;
     let (files, blobs) = fctx.finish()?;
     w.write_json("files.json", &files)?;
     for (name, data) in blobs {

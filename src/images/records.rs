@@ -408,27 +408,97 @@ pub enum FileKind {
     /// `exclusive`: TIOCEXCL was set on it.
     PtySlave { path: String, index: u32, exclusive: bool },
     /// A connected Unix-domain socket whose peer is in the dump too
-    /// (socketpair, or an accepted socket and its client). Restored as a
-    /// socketpair() with its peer. `ino`/`peer`: socket inodes at dump.
-    /// `name`: local address at dump (informational: an accepted socket's
-    /// name, the listener's, is not given back). Its receive queue is in
-    /// blob `unix-<ino>.rcvq`; `msgs` are the message lengths for
-    /// SOCK_DGRAM/SOCK_SEQPACKET (one entry per message, in order).
+    /// (socketpair, or an accepted socket and its client), or a client
+    /// whose connection waits in the backlog of a listener of the dump
+    /// (`listener` ≠ 0, `peer` 0). `ino`/`peer`: socket inodes at dump.
+    /// `name`, `peer_name`: the two ends' addresses ("/path", "@abstract",
+    /// "" unnamed; an accepted socket's is its listener's), given back at
+    /// restore. Its receive queue is in blob `unix-<ino>.rcvq`; `msgs` are
+    /// the message lengths for SOCK_DGRAM/SOCK_SEQPACKET (one entry per
+    /// message, in order). `file`: the socket file of a datagram socket
+    /// bound to a path of its own. `scm`: files in flight in its queue.
     UnixPeer {
         ino: u64,
         peer: u64,
         sock_type: u32,
         name: String,
+        #[serde(default)]
+        peer_name: String,
+        #[serde(default)]
+        listener: u64,
         rcvq: u64,
         msgs: Vec<u64>,
         /// sk_shutdown bits (1 = receive, 2 = send).
         shutdown: u32,
         opts: UnixOpts,
+        #[serde(default)]
+        file: Option<SockFile>,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
+        /// The peer is outside the dump (`dump --ext-unix-sk`): restore
+        /// connects a new socket to `peer_name`, the outside listener's.
+        #[serde(default)]
+        ext: bool,
     },
     /// A listening Unix-domain socket bound to a path (`/…`) or an abstract
-    /// name (`@…`), with no connection waiting in its backlog. `mode`,
-    /// `uid`, `gid`: of the socket file (path names only).
-    UnixListen { ino: u64, sock_type: u32, name: String, backlog: u64, mode: u32, uid: u32, gid: u32, opts: UnixOpts },
+    /// name (`@…`). `mode`, `uid`, `gid`: of the socket file (path names
+    /// only). `pending`: connections waiting in its backlog, in accept
+    /// order, from clients of the dump.
+    UnixListen {
+        ino: u64,
+        sock_type: u32,
+        name: String,
+        backlog: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        opts: UnixOpts,
+        #[serde(default)]
+        pending: Vec<PendingConn>,
+    },
+    /// A Unix-domain socket neither connected nor listening: fresh from
+    /// socket(), or bound to a name (`file`: its socket file, for a path).
+    /// A datagram socket's queue is in blob `unix-<ino>.rcvq`, one entry of
+    /// `msgs` and of `senders` (address, "" unnamed) per datagram.
+    UnixLone {
+        ino: u64,
+        sock_type: u32,
+        name: String,
+        file: Option<SockFile>,
+        rcvq: u64,
+        msgs: Vec<u64>,
+        senders: Vec<String>,
+        shutdown: u32,
+        opts: UnixOpts,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
+    },
+}
+
+/// Files in flight (SCM_RIGHTS) with one queued message of a Unix socket:
+/// the message's index in `msgs` (on a stream socket with files in flight,
+/// `msgs` holds the lengths of the runs of bytes read at once), and the
+/// open files passed, by id in this files image, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScmFiles {
+    pub msg: u32,
+    pub files: Vec<u32>,
+}
+
+/// Mode and owner of the socket file of a Unix socket bound to a path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SockFile {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A connection waiting in a listener's backlog: the client socket's inode
+/// and name (its own, "" if unnamed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PendingConn {
+    pub ino: u64,
+    pub name: String,
 }
 
 /// Socket options of a Unix-domain socket that restore sets again.
@@ -440,6 +510,16 @@ pub struct UnixOpts {
     pub rcvbuf: u64,
     /// SO_PEEK_OFF (-1: off).
     pub peek_off: i64,
+    #[serde(default)]
+    pub passsec: bool,
+    /// SO_PASSPIDFD (false where the kernel lacks it).
+    #[serde(default)]
+    pub passpidfd: bool,
+    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds (0: none).
+    #[serde(default)]
+    pub rcvtimeo_us: u64,
+    #[serde(default)]
+    pub sndtimeo_us: u64,
 }
 
 /// Disposition of one signal.

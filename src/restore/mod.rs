@@ -260,7 +260,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         None => None,
     };
     // 3. Pool.
-    let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
+    let mut pool = pool::build(&plan, &img, &store, a.shell_job, a.ext_unix_sk)?;
     if let Some(i) = &ipc {
         pool.sysv_sizes = i.shm_sizes();
     }

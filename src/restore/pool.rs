@@ -113,7 +113,7 @@ fn pick_control_area(plan: &Plan) -> Result<u64> {
     bail!("no free 16 MiB area for the restore control page in the saved address spaces")
 }
 
-pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool) -> Result<Pool> {
+pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool, ext_unix_sk: bool) -> Result<Pool> {
     // Raise our descriptor limit: the pool sits above every saved fd.
     if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
@@ -135,7 +135,7 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool
         sysv_sizes: BTreeMap::new(),
     };
 
-    let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
+    let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job, ext_unix_sk)?;
     crate::kinds::locks::prepare(plan.procs.values());
     let memfds = crate::kinds::memfd::by_inode(&plan.files, &files);
     for (sid, fd) in crate::kinds::pty::ctty_fds(&plan.files, &files)? {
