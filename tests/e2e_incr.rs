@@ -665,6 +665,39 @@ fn full_dumps_baseline_same_comparison() {
 
 /// Wait for the python workload's FILE ("mutated" or "checksum") with the
 /// given step; returns the checksum.
+/// A tracked tree larger than one SCM_RIGHTS message carries descriptors
+/// for (253): the holder keeps every process's userfaultfd between the two
+/// dumps, so the second reads every one of the 300 processes as tracked.
+#[test]
+fn incr_tracking_held_for_a_tree_of_300() {
+    const T: &str = "incr_tracking_held_for_a_tree_of_300";
+    let _l = lock();
+    match tracking_backend() {
+        Ok("uffd-wp") => {}
+        Ok(b) => return skip(T, &format!("the {b} backend needs no holder")),
+        Err(why) => return skip(T, &format!("no dirty-page tracking: {why}")),
+    }
+    let bin = need!(fixture("fanout"), T, "gcc not found");
+    let t = TempDir::new(T);
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let pid = spawn(&r, workload(&bin).arg(&d).arg("300"), &t.join("log"));
+    wait_ready(&d, pid, secs(60));
+    let pids = tree(pid);
+    assert_eq!(pids.len(), 301, "the fan-out tree: {pids:?}");
+    let (a, b) = (t.sub("img0"), t.sub("img1"));
+    dump_json(pid, &a, None, true);
+    let a_s = a.to_string_lossy().into_owned();
+    let run = dump_raw(&[pid], &b, &["--leave-running", "--json", "--track-mem", "--prev-images-dir", &a_s]);
+    assert!(run.ok(), "incremental dump of the 301 processes: {}", run.describe());
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("dump --json");
+    let procs = v["processes"].as_array().expect("processes in the summary");
+    assert_eq!(procs.len(), 301, "{v}");
+    let untracked: Vec<&serde_json::Value> = procs.iter().filter(|p| p["memory"] != "tracked").collect();
+    assert!(untracked.is_empty(), "{} of 301 processes were not read as tracked: {:?}", untracked.len(), &untracked[..untracked.len().min(5)]);
+    kill_tree(pid);
+}
+
 fn py_report(d: &Path, pid: i32, file: &str, step: u32) -> String {
     let p = d.join(file);
     wait_for(&format!("{} with step {step} from pid {pid}", p.display()), secs(30), || {

@@ -46,7 +46,9 @@ fn seqpacket() -> Result<OwnedFd> {
     socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).context("seqpacket socket")
 }
 
-/// Send a set as one record: header, descriptors attached.
+/// Send a set: the header, then the descriptors in messages of at most
+/// [`MAX_FDS`] each (the kernel's limit per message), so a tree of any size
+/// keeps its tracking.
 fn send_set(sock: std::os::fd::BorrowedFd<'_>, set: &TrackSet) -> Result<()> {
     let h = Header {
         backend: set.backend.clone(),
@@ -54,13 +56,24 @@ fn send_set(sock: std::os::fd::BorrowedFd<'_>, set: &TrackSet) -> Result<()> {
         procs: set.procs.iter().map(|(p, t)| (p.0, t.start_time, t.uffd.is_some())).collect(),
     };
     let fds: Vec<RawFd> = set.procs.values().filter_map(|t| t.uffd.as_ref().map(|f| f.as_raw_fd())).collect();
-    crate::sys::send_fds(sock, &serde_json::to_vec(&h)?, &fds)
+    crate::sys::send_fds(sock, &serde_json::to_vec(&h)?, &[])?;
+    for chunk in fds.chunks(MAX_FDS) {
+        crate::sys::send_fds(sock, b"fds", chunk)?;
+    }
+    Ok(())
 }
 
 fn recv_set(sock: &OwnedFd) -> Result<TrackSet> {
-    let (data, fds) = crate::sys::recv_msg(sock, MAX_MSG, MAX_FDS)?;
+    let (data, _) = crate::sys::recv_msg(sock, MAX_MSG, 0)?;
     ensure!(!data.is_empty(), "the tracking holder closed the connection");
     let h: Header = serde_json::from_slice(&data).context("tracking holder message")?;
+    let want = h.procs.iter().filter(|p| p.2).count();
+    let mut fds = Vec::with_capacity(want);
+    while fds.len() < want {
+        let (data, more) = crate::sys::recv_msg(sock, 16, MAX_FDS)?;
+        ensure!(data == b"fds" && !more.is_empty(), "tracking holder message: {} of {want} descriptors came", fds.len());
+        fds.extend(more);
+    }
     let mut fds = fds.into_iter();
     let mut procs = BTreeMap::new();
     for (pid, start_time, has) in h.procs {
