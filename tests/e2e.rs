@@ -10,7 +10,7 @@ use common::*;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 
@@ -601,6 +601,21 @@ fn image_show_and_check_json() {
     }
     let human = snap(&["image", "show", img.to_str().unwrap()]);
     assert!(human.ok() && human.stdout.contains(&pid.to_string()), "image show: {}", human.describe());
+    // A reader that went away (`| head`) ends the output quietly: exit 0,
+    // nothing on stderr (it used to panic on the broken pipe).
+    for extra in [None, Some("--json")] {
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        drop(rd);
+        let mut c = Command::new(snap_bin());
+        c.args(["image", "show", img.to_str().unwrap()]).args(extra).stdout(Stdio::from(wr)).stderr(Stdio::piped());
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "image show {extra:?} into a closed pipe: {:?}, stderr {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     let c = snap(&["check", "--json"]);
     assert!(c.ok(), "{}", c.describe());
     let cv: serde_json::Value = serde_json::from_str(&c.stdout).unwrap_or_else(|e| panic!("check --json is not JSON ({e}): {}", c.stdout));

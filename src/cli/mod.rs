@@ -226,6 +226,16 @@ fn path_or_empty(s: &str) -> std::result::Result<PathBuf, String> {
 }
 
 /// Entry point: parse, run, print the error chain on failure.
+/// Write command output to stdout. A reader that went away (`snap image
+/// show DIR | head`) ends the output quietly instead of failing.
+pub fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()).and_then(|_| std::io::stdout().flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => anyhow::Context::context(r, "writing to standard output"),
+    }
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match run(cli) {

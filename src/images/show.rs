@@ -1,4 +1,5 @@
 //! `snap image show`: what an image holds.
+use std::fmt::Write as _;
 use super::dir::{is_pagemap_name, ImageReader};
 use super::pagestore::{BuildPageHasher, PageHash};
 use super::records::ProcessImage;
@@ -208,50 +209,55 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 pub fn run(dir: &Path, json: bool) -> Result<()> {
     let s = summarize(dir)?;
     if json {
-        println!("{}", serde_json::to_string(&s)?);
-        return Ok(());
+        return crate::cli::emit(&format!("{}\n", serde_json::to_string(&s)?));
     }
-    println!("image          {}", s.dir);
-    println!("format         version {} ({})", s.format_version, s.arch);
-    println!("kernel         {}", s.kernel);
-    println!("created        {} ({})", utc(s.created_unix), s.created_unix);
-    println!("roots          {}", s.roots.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
+    // Built whole, then written: `snap image show DIR | head` must end
+    // quietly when the reader goes away.
+    let mut o = String::new();
+    writeln!(o, "image          {}", s.dir)?;
+    writeln!(o, "format         version {} ({})", s.format_version, s.arch)?;
+    writeln!(o, "kernel         {}", s.kernel)?;
+    writeln!(o, "created        {} ({})", utc(s.created_unix), s.created_unix)?;
+    writeln!(o, "roots          {}", s.roots.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "))?;
     if !s.features.is_empty() {
-        println!("features       {}", s.features.join(" "));
+        writeln!(o, "features       {}", s.features.join(" "))?;
     }
     if !s.id.is_empty() {
-        println!("id             {}", s.id);
+        writeln!(o, "id             {}", s.id)?;
     }
     if !s.memory_backend.is_empty() {
-        println!("memory read    {}", s.memory_backend);
+        writeln!(o, "memory read    {}", s.memory_backend)?;
     }
     match &s.parent {
         Some(p) => {
-            println!("parent         {p} (id {})", s.parent_id.as_deref().unwrap_or("?"));
+            writeln!(o, "parent         {p} (id {})", s.parent_id.as_deref().unwrap_or("?"))?;
             let dirs: Vec<&str> = s.chain.iter().map(|c| c.dir.as_str()).collect();
-            println!("chain          {} parent{}: {}", dirs.len(), if dirs.len() == 1 { "" } else { "s" }, dirs.join(" <- "));
-            println!(
+            writeln!(o, "chain          {} parent{}: {}", dirs.len(), if dirs.len() == 1 { "" } else { "s" }, dirs.join(" <- "))?;
+            writeln!(
+            o,
                 "pages          {} used: {} stored here, {} from parents",
                 s.pages.referenced, s.pages.stored_here, s.pages.from_parents
-            );
+            )?;
         }
         None => {
-            println!("parent         none (standalone)");
-            println!("pages          {} used, all stored here", s.pages.referenced);
+            writeln!(o, "parent         none (standalone)")?;
+            writeln!(o, "pages          {} used, all stored here", s.pages.referenced)?;
         }
     }
-    println!(
+    writeln!(
+            o,
         "page store     {} distinct pages ({}), {} stored, compression {}",
         s.page_store.distinct_pages,
         bytes(s.page_store.page_bytes),
         bytes(s.page_store.stored_bytes),
         s.page_store.compression
-    );
-    println!("files          {} ({} total)", s.files, bytes(s.total_bytes));
-    println!();
-    println!("{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}", "PID", "PPID", "COMM", "THREADS", "VMAS", "FDS", "PAGES", "MEMORY");
+    )?;
+    writeln!(o, "files          {} ({} total)", s.files, bytes(s.total_bytes))?;
+    writeln!(o)?;
+    writeln!(o, "{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}", "PID", "PPID", "COMM", "THREADS", "VMAS", "FDS", "PAGES", "MEMORY")?;
     for p in &s.processes {
-        println!(
+        writeln!(
+            o,
             "{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}",
             p.pid,
             opt(&p.ppid),
@@ -261,12 +267,12 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
             opt(&p.fds),
             opt(&p.memory_pages),
             p.memory_bytes.map_or_else(|| "?".into(), bytes)
-        );
+        )?;
         if let Some(e) = &p.error {
-            println!("         error: {e}");
+            writeln!(o, "         error: {e}")?;
         }
     }
-    Ok(())
+    crate::cli::emit(&o)
 }
 
 #[cfg(test)]
