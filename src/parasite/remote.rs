@@ -78,29 +78,52 @@ const READV_IOVS: usize = 1024;
 /// straight into `out`'s spare capacity. For many small ranges (the pages
 /// written since the last dump) this costs far less than the parasite's
 /// pipe, which needs a round trip between the target and snap per
-/// pipe-full.
+/// pipe-full. The kernel pins and copies each range alone (a few µs a
+/// page), so many ranges are read by two threads, each into its half.
 pub fn read_ranges_into(pid: Pid, ranges: &[(u64, usize)], out: &mut Vec<u8>) -> Result<()> {
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    out.reserve(total);
+    let dst = &mut out.spare_capacity_mut()[..total];
+    if ranges.len() >= 256 {
+        let k = ranges.len() / 2;
+        let first: usize = ranges[..k].iter().map(|r| r.1).sum();
+        let (a, b) = dst.split_at_mut(first);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| readv_to(pid, &ranges[..k], a));
+            let r = readv_to(pid, &ranges[k..], b);
+            t.join().map_err(|_| anyhow::anyhow!("{pid}: reading memory: a reader thread panicked"))?.and(r)
+        })?;
+    } else {
+        readv_to(pid, ranges, dst)?;
+    }
+    // SAFETY: readv_to succeeded, so the kernel wrote all `total` bytes
+    // after the old length.
+    unsafe { out.set_len(out.len() + total) };
+    Ok(())
+}
+
+/// Fill `dst` (exactly the ranges' total size) with the ranges of `pid`.
+fn readv_to(pid: Pid, ranges: &[(u64, usize)], dst: &mut [std::mem::MaybeUninit<u8>]) -> Result<()> {
+    let mut at = 0usize;
     for batch in ranges.chunks(READV_IOVS) {
         let total: usize = batch.iter().map(|r| r.1).sum();
         let remote: Vec<libc::iovec> =
             batch.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }).collect();
-        out.reserve(total);
-        let dst = out.spare_capacity_mut();
-        let local = libc::iovec { iov_base: dst.as_mut_ptr() as *mut libc::c_void, iov_len: total };
-        // SAFETY: the local iovec covers `total` bytes of `out`'s spare
-        // capacity (reserved above); the remote ones are only interpreted by
-        // the kernel in the target's address space.
+        let piece = &mut dst[at..at + total];
+        let local = libc::iovec { iov_base: piece.as_mut_ptr() as *mut libc::c_void, iov_len: total };
+        // SAFETY: the local iovec covers `total` bytes of `dst`, borrowed
+        // mutably for the call; the remote ones are only interpreted by the
+        // kernel in the target's address space.
         let n = unsafe { libc::process_vm_readv(pid.0, &local, 1, remote.as_ptr(), remote.len() as libc::c_ulong, 0) };
         if n < 0 || n as usize != total {
             let e = io::Error::last_os_error();
             // A short read stops at the first range it could not read.
-            let mut at = n.max(0) as usize;
-            let bad = batch.iter().find(|r| if at < r.1 { true } else { at -= r.1; false }).copied().unwrap_or(batch[0]);
+            let mut left = n.max(0) as usize;
+            let bad = batch.iter().find(|r| if left < r.1 { true } else { left -= r.1; false }).copied().unwrap_or(batch[0]);
             let why = if n < 0 { e.to_string() } else { format!("read {n} of {total} bytes") };
             bail!("{pid}: process_vm_readv of {:#x}-{:#x}: {why}", bad.0, bad.0 + bad.1 as u64);
         }
-        // SAFETY: the kernel wrote all `total` bytes after the old length.
-        unsafe { out.set_len(out.len() + total) };
+        at += total;
     }
     Ok(())
 }
