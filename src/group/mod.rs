@@ -240,6 +240,14 @@ pub fn join(name: &str, program: &[String]) -> Result<i32> {
     let procs = cg.join("cgroup.procs");
     std::fs::write(&procs, "0")
         .with_context(|| format!("group {name}: moving pid {} into {}", std::process::id(), procs.display()))?;
+    // The caller's blocked and ignored signals are the program's, as with
+    // any exec (`nohup snap join …` keeps SIGHUP ignored), except glibc's
+    // own 32 and 33, which are ignored only because a glibc posix_spawn
+    // started some ancestor: a program must find them at their default.
+    for sig in crate::sys::process::LIBC_INTERNAL_SIGNALS {
+        crate::sys::process::default_disposition(sig)
+            .with_context(|| format!("group {name}: resetting signal {sig} before exec"))?;
+    }
     use std::os::unix::process::CommandExt;
     let e = Command::new(prog).args(args).exec();
     Err(e).with_context(|| format!("group {name}: executing {prog} in the group (pid {})", std::process::id()))

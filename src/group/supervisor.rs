@@ -282,7 +282,8 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
 
     // Signals arrive through a signalfd, read by the main thread only: the
     // mask is set before any thread starts so that every thread inherits it
-    // (the program does not: std resets the mask before exec).
+    // (the program does not: spawn_in_cgroup unblocks every signal and puts
+    // every disposition back to default before exec).
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
         mask.add(s);

@@ -81,12 +81,63 @@ pub fn own_sigactions() -> Vec<[u64; 4]> {
         .collect()
 }
 
+/// Signals 32 and 33: glibc keeps them for itself (thread cancellation and
+/// set*id across threads) and its `posix_spawn` leaves them ignored in the
+/// child, a state that survives exec.
+pub const LIBC_INTERNAL_SIGNALS: [i32; 2] = [32, 33];
+
+/// Put signal `sig` back to its default action if it is ignored or
+/// handled. Raw system calls only: async-signal-safe (usable between fork
+/// and exec), and past glibc, which refuses to touch signals 32 and 33.
+pub fn default_disposition(sig: i32) -> std::io::Result<()> {
+    let mut old = [0u64; 4];
+    // SAFETY: rt_sigaction with a NULL new action only writes the old one
+    // into `old`, which has the kernel's 32-byte layout.
+    if unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<u8>(), old.as_mut_ptr(), 8) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if old[0] == libc::SIG_DFL as u64 {
+        return Ok(());
+    }
+    let dfl = [libc::SIG_DFL as u64, 0, 0, 0];
+    // SAFETY: `dfl` is a kernel `struct sigaction` (handler SIG_DFL, no
+    // flags, no restorer, empty mask) that outlives the call.
+    if unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), std::ptr::null_mut::<u8>(), 8) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The signal state a freshly started program expects: every signal at its
+/// default action (1..=64 but SIGKILL and SIGSTOP, which cannot change) and
+/// none blocked. A forked copy of a supervisor inherits the supervisor's
+/// blocked mask (its signalfd's signals) and ignored signals, and both
+/// survive exec. Async-signal-safe: for the step between fork and exec.
+pub fn reset_signals() -> std::io::Result<()> {
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            default_disposition(sig)?;
+        }
+    }
+    let empty: u64 = 0;
+    // SAFETY: rt_sigprocmask reads one 8-byte mask from `empty`, which
+    // outlives the call; the old mask is not asked for.
+    if unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, std::ptr::null_mut::<u64>(), 8) }
+        < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Start `cmd` with its process moved into the cgroup whose `cgroup.procs`
 /// is open (for writing) as `procs` before it execs, so that the program and
 /// everything it starts belong to the cgroup from their first instruction
 /// (moving it after `spawn` returns would race with its first fork). With
 /// `new_session`, the child also calls `setsid` (a detached group's program
-/// is a session of its own, like a daemon).
+/// is a session of its own, like a daemon). The program starts with no
+/// signal blocked and every signal at its default action (`reset_signals`),
+/// whatever the caller blocked or ignored.
 pub fn spawn_in_cgroup(
     cmd: &mut std::process::Command,
     procs: std::os::fd::BorrowedFd<'_>,
@@ -96,11 +147,12 @@ pub fn spawn_in_cgroup(
     use std::os::unix::process::CommandExt;
     let fd = procs.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls (setsid, write) on integers and
-    // a static buffer; `fd` stays open until exec (close-on-exec closes it
+    // makes async-signal-safe system calls (rt_sigaction, rt_sigprocmask,
+    // setsid, write) on integers, stack buffers and a static buffer; `fd` stays open until exec (close-on-exec closes it
     // there) because the parent keeps `procs` borrowed across `spawn`.
     unsafe {
         cmd.pre_exec(move || {
+            reset_signals()?;
             if new_session && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
