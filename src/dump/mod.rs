@@ -11,6 +11,7 @@
 //! thread: the processes continue untouched.
 
 pub mod mm;
+pub mod pidns;
 pub mod proc;
 pub mod seize;
 pub mod threads;
@@ -163,6 +164,11 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_dumped(&seized.pids);
+    // A whole pid namespace (its init included) is recorded with the
+    // namespace's pids; everything else with host pids.
+    let ns = pidns::NsPids::detect(&seized.pids, &seized.threads)?;
+    // The pid a process has in the image.
+    let image_pid = |p: Pid| -> Pid { Pid(ns.as_ref().and_then(|n| n.pid(p.0)).unwrap_or(p.0)) };
     let mut shmem: ShmemPages = BTreeMap::new();
     let mut total_pages: u64 = 0;
     let mut xsave_mask = 0u64;
@@ -170,9 +176,13 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
 
     for &pid in &seized.pids.clone() {
         let mut p = proc::read_process(pid).with_context(|| format!("dumping {pid}"))?;
+        let ipid = image_pid(pid);
         if seized.zombies.contains(&pid) {
             p.state = ProcState::Zombie { wait_status: zombie_status(&p) };
-            w.write_json(&format!("proc-{}.json", pid.0), &p)?;
+            if let Some(n) = &ns {
+                n.process(&mut p)?;
+            }
+            w.write_json(&format!("proc-{}.json", ipid.0), &p)?;
             continue;
         }
         p.stopped = seized.stopped.contains(&pid);
@@ -198,7 +208,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         // pages tracking says are unchanged since (asked before the parasite
         // writes anything into the process).
         // The same process (pid and start time) in the parent.
-        let prev = parent_procs.remove(&pid).filter(|(pp, _)| pp.start_time == p.start_time && p.start_time != 0);
+        let prev = parent_procs.remove(&ipid).filter(|(pp, _)| pp.start_time == p.start_time && p.start_time != 0);
         let mut trk = held.as_mut().and_then(|h| h.procs.remove(&pid)).filter(|t| t.start_time == p.start_time);
         if prev.as_ref().is_some_and(|(pp, _)| pp.mm.auxv != p.mm.auxv) {
             // exec'd since: a new address space the old uffd knows nothing of.
@@ -298,12 +308,17 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         counts.read += (bytes / PAGE_SIZE) as u64;
         total_pages += counts.reused - before.2;
         counts.per_process.push(serde_json::json!({
-            "pid": pid.0,
+            "pid": ipid.0,
             "memory": if dirt.is_some() { "tracked" } else if prev.is_some() { "hashed" } else { "full" },
             "pages_present": counts.present - before.0,
             "pages_read": counts.read - before.1,
             "pages_reused": counts.reused - before.2,
         }));
+        if ns.is_some() {
+            if let Some(last) = counts.per_process.last_mut() {
+                last["host_pid"] = pid.0.into();
+            }
+        }
         if let Some(b) = track_backend {
             match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take()) {
                 Ok(t) => {
@@ -314,18 +329,24 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         }
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         map.sort_by_key(|e| e.0);
-        w.write_pagemap(&format!("pagemap-{}.bin", pid.0), &map)?;
+        w.write_pagemap(&format!("pagemap-{}.bin", ipid.0), &map)?;
         if !inherit.is_empty() {
-            w.write_inherited(&format!("pagemap-{}.bin", pid.0), &inherit)?;
+            w.write_inherited(&format!("pagemap-{}.bin", ipid.0), &inherit)?;
         }
-        w.write_json(&format!("proc-{}.json", pid.0), &p)?;
+        if let Some(n) = &ns {
+            n.process(&mut p)?;
+        }
+        w.write_json(&format!("proc-{}.json", ipid.0), &p)?;
     }
 
     for (id, obj) in &shmem {
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
-    let (files, blobs) = fctx.finish();
+    let (mut files, blobs) = fctx.finish();
+    if let Some(n) = &ns {
+        n.files(&mut files)?;
+    }
     w.write_json("files.json", &files)?;
     for (name, data) in blobs {
         w.write_bytes(&name, &data)?;
@@ -358,8 +379,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        roots: roots.iter().map(|p| p.0).collect(),
-        pids: seized.pids.iter().map(|p| p.0).collect(),
+        roots: roots.iter().map(|&p| image_pid(p).0).collect(),
+        pids: seized.pids.iter().map(|&p| image_pid(p).0).collect(),
         features,
         memory_bytes: total_pages * PAGE_SIZE as u64,
         id: id.clone(),
@@ -374,9 +395,10 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             holder: Some(track::holder::socket_path(&t.generation).display().to_string()),
             generation: t.generation.clone(),
         }),
+        pidns: ns.as_ref().map(|n| n.info()),
     };
     let stored = w.pages().stats().stored_pages;
-    let pids: Vec<i32> = seized.pids.iter().map(|p| p.0).collect();
+    let pids: Vec<i32> = seized.pids.iter().map(|&p| image_pid(p).0).collect();
     if a.leave_running {
         // Everything is read: the processes go on while the image is
         // finished (a failure from here on leaves them running anyway).
@@ -409,6 +431,12 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         "stopped_seconds": stopped_for.as_secs_f64(),
         "left_running": a.leave_running,
     });
+    let mut summary = summary;
+    if let Some(n) = &ns {
+        // "pids" are the image's (the namespace's); these say which host
+        // process each one was.
+        summary["pidns"] = serde_json::to_value(n.info()).unwrap_or_default();
+    }
     Ok(DumpOutcome { summary, tracking })
 }
 

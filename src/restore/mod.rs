@@ -37,6 +37,12 @@ pub struct Plan {
     pub procs: BTreeMap<i32, ProcessImage>,
     pub files: FilesImage,
     pub roots: Vec<i32>,
+    /// `--pidns` with an image that holds pid 1: the saved init is the new
+    /// namespace's init, and makes its private /proc (`tree::setup`).
+    pub own_init: bool,
+    /// Then, for the other roots: the init's mount namespace, which they
+    /// join (`tree::spawn`) so that they see the namespace's /proc too.
+    pub init_mnt: Option<std::os::fd::RawFd>,
 }
 
 /// Kills every process this restore created unless disarmed: a plan PID
@@ -97,7 +103,7 @@ fn load(img: &ImageReader) -> Result<Plan> {
         }
     }
     let files: FilesImage = img.read_json("files.json")?;
-    Ok(Plan { procs, files, roots: inv.roots.clone() })
+    Ok(Plan { procs, files, roots: inv.roots.clone(), own_init: false, init_mnt: None })
 }
 
 fn current_pgid(pid: i32) -> Option<i32> {
@@ -235,8 +241,14 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     // 1. Load and validate.
     crate::images::dir::timing("restore: start");
     let img = ImageReader::open(&a.dir)?;
-    let plan = load(&img)?;
+    let mut plan = load(&img)?;
     let store = img.pages()?;
+    if plan.procs.contains_key(&1) && !a.pidns {
+        bail!(
+            "the image is a whole pid namespace (it holds that namespace's init, pid 1{}): restore it with --pidns",
+            img.inventory().pidns.as_ref().map(|n| format!(", dumped from {}", n.ns)).unwrap_or_default()
+        );
+    }
     // 2. PIDs (in a new pid namespace every PID is free).
     if !a.pidns {
         wait_pids_free(&plan)?;
@@ -250,10 +262,38 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
     let mut middle = None;
     let mut ns_init = NsGuard(None);
-    if a.pidns {
-        if plan.procs.contains_key(&1) {
-            bail!("the image holds a pid 1 (a namespace's init): restoring it as the init of a new namespace is not supported yet");
+    // Processes that reported ready before the last roots were forked.
+    let mut ready_early = 0;
+    if a.pidns && plan.procs.contains_key(&1) {
+        // The image is a whole namespace: the saved pid 1, forked first
+        // into the new namespace, is its init; the other roots (programs
+        // whose parent was outside the namespace) are forked after it by
+        // snap, also into the namespace, and join the mount namespace the
+        // init makes for its /proc. Every root is a child of snap, as each
+        // was a child of something outside the namespace.
+        if !plan.roots.contains(&1) {
+            bail!("pid 1 is in the image but not among its roots (damaged image)");
         }
+        plan.own_init = true;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
+        let init = tree::spawn(&plan, &pool, 1).context("pid 1: forking the namespace's init")?;
+        ns_init.0 = Some(init);
+        let others: Vec<i32> = plan.roots.iter().copied().filter(|&r| r != 1).collect();
+        if !others.is_empty() {
+            // The init's mount namespace exists once its tree is ready.
+            let n = tree::live_in_tree(&plan, 1);
+            wait_ready(&pool, n).context("waiting for the namespace's init")?;
+            ready_early = n;
+            let path = format!("/proc/{init}/ns/mnt");
+            let mnt = std::fs::File::open(&path).with_context(|| format!("pid 1 (host pid {init}): opening {path}"))?;
+            plan.init_mnt = Some(std::os::fd::AsRawFd::as_raw_fd(&mnt));
+            for r in others {
+                tree::spawn(&plan, &pool, r)?;
+            }
+            plan.init_mnt = None;
+            drop(mnt);
+        }
+    } else if a.pidns {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
         let m = crate::sys::clone::fork_with_pid(0).context("forking the namespace init")?;
         if m == 0 {
@@ -284,7 +324,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     }
     crate::images::dir::timing("restore: trees forked");
     pool.close_ready_writer();
-    let ready = wait_ready(&pool, live.len());
+    let ready = wait_ready(&pool, live.len() - ready_early);
     if let Some(m) = middle {
         let _ = waitpid(nix::unistd::Pid::from_raw(m), None);
     }
@@ -399,7 +439,13 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     // Stay the parent of the roots (or of the namespace init, which exits
     // with the first root's status); exit with the first root's status.
     let waited: Vec<i32> = match init {
-        Some(i) => vec![i],
+        Some(i) if !plan.own_init => vec![i],
+        // The saved init first (it is a root), by the pids snap sees.
+        Some(_) => {
+            let mut r: Vec<i32> = plan.roots.iter().filter_map(|r| host.get(r).copied()).collect();
+            r.sort_by_key(|&h| Some(&h) != host.get(&1));
+            r
+        }
         None => plan.roots.clone(),
     };
     let mut code = 0;
