@@ -199,7 +199,16 @@ impl Drop for NsGuard {
     fn drop(&mut self) {
         if let Some(p) = self.0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(nix::unistd::Pid::from_raw(p), None);
+            // Reap every child, not only the init: a dying init waits until
+            // every process of its namespace is reaped, and the other roots
+            // of a namespace image are our children.
+            loop {
+                match waitpid(None, None) {
+                    Ok(st) if st.pid() == Some(nix::unistd::Pid::from_raw(p)) => break,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
         }
     }
 }
@@ -448,22 +457,26 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         }
         None => plan.roots.clone(),
     };
+    // Any child, in whatever order they end: the init of a namespace
+    // image cannot finish exiting while another root, a zombie in its
+    // namespace, waits for us to reap it.
+    let mut left: Vec<i32> = waited.clone();
     let mut code = 0;
-    for (i, &r) in waited.iter().enumerate() {
-        let st = loop {
-            match waitpid(nix::unistd::Pid::from_raw(r), None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other,
-            }
+    while !left.is_empty() {
+        let st = match waitpid(None, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(st) => st,
         };
-        let c = match st {
-            Ok(WaitStatus::Exited(_, c)) => c,
-            Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
-            _ => 0,
+        let (p, c) = match st {
+            WaitStatus::Exited(p, c) => (p.as_raw(), c),
+            WaitStatus::Signaled(p, s, _) => (p.as_raw(), 128 + s as i32),
+            _ => continue,
         };
-        if i == 0 {
+        if waited.first() == Some(&p) {
             code = c;
         }
+        left.retain(|&x| x != p);
     }
     Ok(code)
 }

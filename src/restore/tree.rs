@@ -225,7 +225,9 @@ pub fn ns_init(plan: &Plan, pool: &Pool) -> ! {
     crate::sys::process::exit_now(code)
 }
 
-fn private_proc() -> Result<()> {
+/// A mount namespace of our own (private, so nothing propagates back to
+/// the host) with a /proc of our pid namespace.
+pub fn private_proc() -> Result<()> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)

@@ -130,31 +130,51 @@ pub fn reset_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+/// How `spawn_in_cgroup` prepares the child before exec.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnOpts {
+    /// `setsid` (a detached group's program is a session of its own, like
+    /// a daemon).
+    pub new_session: bool,
+    /// `reset_signals`: nothing blocked, every signal at its default
+    /// action, whatever the caller blocked or ignored.
+    pub default_signals: bool,
+    /// A descriptor of the caller's (close-on-exec there) that the program
+    /// keeps open across exec.
+    pub keep_fd: Option<RawFd>,
+}
+
 /// Start `cmd` with its process moved into the cgroup whose `cgroup.procs`
 /// is open (for writing) as `procs` before it execs, so that the program and
 /// everything it starts belong to the cgroup from their first instruction
-/// (moving it after `spawn` returns would race with its first fork). With
-/// `new_session`, the child also calls `setsid` (a detached group's program
-/// is a session of its own, like a daemon). The program starts with no
-/// signal blocked and every signal at its default action (`reset_signals`),
-/// whatever the caller blocked or ignored.
+/// (moving it after `spawn` returns would race with its first fork). See
+/// `SpawnOpts` for the rest.
 pub fn spawn_in_cgroup(
     cmd: &mut std::process::Command,
     procs: std::os::fd::BorrowedFd<'_>,
-    new_session: bool,
+    opts: SpawnOpts,
 ) -> std::io::Result<std::process::Child> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fd = procs.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls (rt_sigaction, rt_sigprocmask,
-    // setsid, write) on integers, stack buffers and a static buffer; `fd` stays open until exec (close-on-exec closes it
-    // there) because the parent keeps `procs` borrowed across `spawn`.
+    // setsid, fcntl, write) on integers, stack buffers and a static buffer;
+    // `fd` stays open until exec (close-on-exec closes it there) because the
+    // parent keeps `procs` borrowed across `spawn`, and `keep_fd` is the
+    // caller's to keep open until `spawn` returns.
     unsafe {
         cmd.pre_exec(move || {
-            reset_signals()?;
-            if new_session && libc::setsid() < 0 {
+            if opts.default_signals {
+                reset_signals()?;
+            }
+            if opts.new_session && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(k) = opts.keep_fd {
+                if libc::fcntl(k, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // "0" names the writing process itself.
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -164,4 +184,48 @@ pub fn spawn_in_cgroup(
         });
     }
     cmd.spawn()
+}
+
+/// Run `f`, which forks once, with this thread's children going into a new
+/// pid namespace: the process `f` forks is that namespace's init (pid 1).
+/// Children forked afterwards go into this thread's own namespace again.
+/// Only this thread is affected (other threads of a supervisor go on
+/// forking into their own namespace).
+pub fn in_new_pidns<T>(f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let own = std::fs::File::open("/proc/thread-self/ns/pid").context("opening /proc/thread-self/ns/pid")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
+    let r = f();
+    // Back to our own namespace for children (allowed: it is the active one).
+    nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWPID)
+        .context("setns back to our own pid namespace for later children")?;
+    Ok(r)
+}
+
+/// kill(2) with any signal number, real-time ones included (nix's `Signal`
+/// has no names for those).
+pub fn kill_raw(pid: i32, sig: i32) -> nix::Result<()> {
+    // SAFETY: kill takes plain integers.
+    check(unsafe { libc::kill(pid, sig) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Wait for one of the signals of `set` (which the caller blocks), at most
+/// `timeout` (`None`: as long as it takes). `Ok(None)` on timeout or when
+/// interrupted (a ptrace stop, a signal outside `set`).
+pub fn sigtimedwait(set: &nix::sys::signal::SigSet, timeout: Option<std::time::Duration>) -> nix::Result<Option<libc::siginfo_t>> {
+    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos() as libc::c_long });
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `set`, `info` and `ts` outlive the call; the kernel writes
+    // only `info`.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), &mut info, tsp) };
+    if r >= 0 {
+        return Ok(Some(info));
+    }
+    match Errno::last() {
+        Errno::EAGAIN | Errno::EINTR => Ok(None),
+        e => Err(e),
+    }
 }
