@@ -7,7 +7,9 @@
 //! tracking between checkpoints so that each one reads only the pages
 //! written since the last. The group's members are the processes in its
 //! cgroup; `snap join` adds one by moving itself into the cgroup and
-//! exec'ing. Each supervisor listens on a unix socket in its state
+//! exec'ing. With `--pidns` the group also has a pid namespace, whose
+//! pid 1 is snap's small init (`init.rs`), and `snap join` forks the
+//! program inside it (docs/groups.md, "Pid namespace"). Each supervisor listens on a unix socket in its state
 //! directory (`proto.rs`); `snap ps`, `snap dump --group` and `snap join`
 //! talk to it there.
 //!
@@ -423,6 +425,9 @@ fn print_group(g: &serde_json::Value) {
                 g["interval_ms"].as_u64().map_or("-".into(), |m| format!("{m}ms")),
                 s("cgroup"),
             );
+            if let Some(init) = g["pidns_init"].as_i64() {
+                println!("  own pid namespace, init {init} (host pids below)");
+            }
             println!("  {:>7} {:>7}  COMM", "PID", "PPID");
             for m in g["members"].as_array().into_iter().flatten() {
                 println!("  {:>7} {:>7}  {}", m["pid"], m["ppid"], m["comm"].as_str().unwrap_or("?"));
