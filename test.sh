@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the WHOLE snap test suite (unit tests and end-to-end tests), as root.
 # Installs what the e2e fixtures need (gcc, python3, util-linux's setpriv,
-# redis-server, redis-tools, nginx-light, curl)
+# redis-server, redis-tools, nginx-light, curl, script from bsdutils, tmux, postgresql)
 # with apt-get when missing. Tests run one at a time: every restore needs
 # its exact PIDs free (the harness also holds a lock per test).
 set -euo pipefail
@@ -10,12 +10,16 @@ need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 [ -x /usr/bin/python3 ] || need+=(python3)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v script >/dev/null || need+=(bsdutils)   # tests/e2e_pty.rs
+command -v tmux >/dev/null || need+=(tmux)           # tests/e2e_pty.rs
 command -v bash >/dev/null || need+=(bash)
 # Real programs of tests/e2e_servers.rs, run directly (never as services).
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v curl >/dev/null || need+=(curl)
+# PostgreSQL server binaries for tests/e2e_ipc.rs (run directly, own cluster).
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -24,7 +28,7 @@ if [ ${#need[@]} -gt 0 ]; then
     # Installing redis-server or nginx may start their system services
     # (where no policy-rc.d forbids it): stop the ones we just installed, the
     # tests run their own.
-    for s in redis-server nginx; do
+    for s in redis-server nginx postgresql; do
         case " ${need[*]} " in *" $s "*|*" $s-light "*) ;; *) continue ;; esac
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$s" 2>/dev/null; then
             systemctl stop "$s" || true

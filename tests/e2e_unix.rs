@@ -154,27 +154,168 @@ fn refuses_pending_backlog() {
     assert!(alive(pid));
 }
 
-/// A descriptor in flight (SCM_RIGHTS) in a socketpair's queue: refused,
-/// the workload keeps its queue (it reads the descriptor afterwards).
+/// Credentials queued (SO_PASSCRED on the receiver, so every message
+/// carries its sender's pid, uid and gid): refused naming them, and the
+/// workload keeps its queue.
 #[test]
-fn refuses_queued_scm_rights() {
+fn refuses_queued_credentials() {
     let _l = lock();
-    let py = need!(python3(), "refuses_queued_scm_rights", "no python3");
-    let t = TempDir::new("unixscm");
+    let py = need!(python3(), "refuses_queued_credentials", "no python3");
+    let t = TempDir::new("unixcred");
     let r = Reaper::new();
     let d = t.sub("st");
     let code = format!(
-        "import socket,os,time,array\na,b=socket.socketpair()\nf=os.open('/dev/null',os.O_RDONLY)\na.sendmsg([b'x'],[(socket.SOL_SOCKET,socket.SCM_RIGHTS,array.array('i',[f]))])\nopen({:?},'w').write('%d' % os.getpid())\nos.rename({:?},{:?})\ntime.sleep(1)\nm,anc,fl,ad=b.recvmsg(10,socket.CMSG_SPACE(4))\nopen({:?},'w').write('ok' if m==b'x' and anc and anc[0][2] else 'FAIL')\ntime.sleep(1000)\n",
+        "import socket,os,time\na,b=socket.socketpair()\nb.setsockopt(socket.SOL_SOCKET,socket.SO_PASSCRED,1)\na.send(b'x')\nopen({:?},'w').write('%d' % os.getpid())\nos.rename({:?},{:?})\ntime.sleep(1)\nm,anc,fl,ad=b.recvmsg(10,socket.CMSG_SPACE(12))\nopen({:?},'w').write('ok' if m==b'x' and anc else 'FAIL')\nos.rename({:?},{:?})\ntime.sleep(1000)\n",
         d.join("r.tmp").to_str().unwrap(),
         d.join("r.tmp").to_str().unwrap(),
         d.join("ready").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
+        d.join("r.tmp").to_str().unwrap(),
         d.join("result").to_str().unwrap()
     );
     let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
     wait_ready(&d, pid, secs(30));
     let run = dump_raw(&[pid], &t.sub("img"), &[]);
     assert!(!run.ok(), "dump should be refused: {}", run.describe());
-    assert!(run.stderr.contains("SCM_RIGHTS") && run.stderr.contains(&format!("pid {pid}")), "{}", run.stderr);
+    let e = &run.stderr;
+    assert!(e.contains("SCM_CREDENTIALS") && e.contains(&format!("pid {pid}")) && e.contains(&format!("pid {pid} uid")), "{e}");
     let res = wait_file(&d, "result", secs(30));
     assert_eq!(res, "ok");
+}
+
+/// Files in flight (SCM_RIGHTS) in stream, datagram and bound-datagram
+/// queues (fixtures/py_unix_scm.py): a file shared with the process, files
+/// open only in flight, pipe ends, a socket, a socket in its own queue; and
+/// socket options (timeouts, SO_PASSSEC, buffers): all received and working
+/// after restore.
+#[test]
+fn files_in_flight_and_options() {
+    let _l = lock();
+    need!(python3(), "files_in_flight_and_options", "no python3");
+    let t = TempDir::new("unixscm");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_scm.py");
+    let img = t.sub("img");
+    dump_kill(&[pids[0]], &img, &[]);
+    let files = std::fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("\"scm\": [") && files.contains("rcvtimeo_us\": 2500000"), "{files}");
+    restore_ok(&img, &r, &pids);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// With --leave-running the files in flight stay in the queues untouched.
+#[test]
+fn files_in_flight_dump_leaves_queues() {
+    let _l = lock();
+    need!(python3(), "files_in_flight_dump_leaves_queues", "no python3");
+    let t = TempDir::new("unixscmleave");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_scm.py");
+    dump_ok(&[pids[0]], &t.sub("img"), &["--leave-running"]);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// A client of an outside server (py_unix_ext_server.py, not dumped):
+/// refused without --ext-unix-sk (naming the --ext-unix-sk way); dumped
+/// with it; restore without it fails and leaves nothing running; restore
+/// with it connects to the server again, and the client talks to it on
+/// the same descriptor.
+#[test]
+fn ext_unix_sk_reconnects_to_outside_server() {
+    let _l = lock();
+    let py = need!(python3(), "ext_unix_sk_reconnects_to_outside_server", "no python3");
+    let t = TempDir::new("unixext");
+    let r = Reaper::new();
+    let sd = t.sub("srv");
+    let srv = spawn(&r, Command::new(&py).arg(fixtures_src().join("py_unix_ext_server.py")).arg(&sd), &t.join("srvlog"));
+    wait_ready(&sd, srv, secs(30));
+    let path = sd.join("ext.sock");
+    let d = t.sub("st");
+    let cli = spawn(&r, Command::new(&py).arg(fixtures_src().join("py_unix_ext.py")).arg(&d).arg(&path), &t.join("log"));
+    wait_ready(&d, cli, secs(30));
+
+    let run = dump_raw(&[cli], &t.sub("img0"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    assert!(run.stderr.contains("--ext-unix-sk") && run.stderr.contains(path.to_str().unwrap()), "{}", run.stderr);
+    assert!(alive(cli));
+
+    let img = t.sub("img");
+    dump_kill(&[cli], &img, &["--ext-unix-sk"]);
+    let dir = img.to_str().unwrap();
+    let no = snap(&["restore", "-D", dir, "-d"]);
+    assert!(!no.ok() && no.stderr.contains("--ext-unix-sk"), "{}", no.describe());
+    wait_gone(&[cli], secs(10)).unwrap();
+
+    r.add(cli);
+    let ok = snap(&["restore", "-D", dir, "-d", "--ext-unix-sk"]);
+    assert!(ok.ok(), "{}", ok.describe());
+    let res = result(&d, cli);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+    assert_eq!(numbers(&sd.join("conns")), vec![1, 2], "the server should have seen a second connection");
+    assert!(alive(srv));
+}
+
+/// Names, backlogs and lone sockets (fixtures/py_unix_names.py): accepted
+/// connections keep their listener's name (path and abstract) and the
+/// clients see it as their peer's; connections waiting in a backlog come
+/// back from accept(); bound datagram sockets keep their queued datagrams
+/// with each sender's address; fresh sockets and a named datagram pair come
+/// back too.
+#[test]
+fn names_backlogs_and_lone_sockets() {
+    let _l = lock();
+    need!(python3(), "names_backlogs_and_lone_sockets", "no python3");
+    let t = TempDir::new("unixnames");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_names.py");
+    let img = t.sub("img");
+    dump_kill(&[pids[0]], &img, &[]);
+    let files = std::fs::read_to_string(img.join("files.json")).unwrap();
+    assert!(files.contains("unix_lone") && files.contains("\"pending\": [") && files.contains("\"listener\": "), "{files}");
+    restore_ok(&img, &r, &pids);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// The same workload dumped with --leave-running notices nothing: queues,
+/// backlogs and senders are all still there.
+#[test]
+fn names_dump_leaves_everything() {
+    let _l = lock();
+    need!(python3(), "names_dump_leaves_everything", "no python3");
+    let t = TempDir::new("unixnamesleave");
+    let r = Reaper::new();
+    let (d, pids) = start(&r, &t, "py_unix_names.py");
+    dump_ok(&[pids[0]], &t.sub("img"), &["--leave-running"]);
+    let res = result(&d, pids[0]);
+    assert!(res.starts_with("ok"), "{}", res.trim());
+}
+
+/// A client of the dump waiting in a backlog that already sent data: the
+/// data sits in the server end, which cannot be read without accepting
+/// it: refused naming the listener, and the workload still gets it.
+#[test]
+fn refuses_backlog_client_with_data() {
+    let _l = lock();
+    let py = need!(python3(), "refuses_backlog_client_with_data", "no python3");
+    let t = TempDir::new("unixbldata");
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let path = d.join("l.sock");
+    let code = format!(
+        "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({p:?})\ns.listen(3)\nc=socket.socket(socket.AF_UNIX)\nc.connect({p:?})\nc.sendall(b'early')\nopen({t:?},'w').write('%d' % os.getpid())\nos.rename({t:?},{r:?})\ntime.sleep(1)\na,_=s.accept()\nopen({t:?},'w').write('ok' if a.recv(10)==b'early' else 'FAIL')\nos.rename({t:?},{res:?})\ntime.sleep(1000)\n",
+        p = path.to_str().unwrap(),
+        t = d.join("r.tmp").to_str().unwrap(),
+        r = d.join("ready").to_str().unwrap(),
+        res = d.join("result").to_str().unwrap()
+    );
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(code), &t.join("log"));
+    wait_ready(&d, pid, secs(30));
+    let run = dump_raw(&[pid], &t.sub("img"), &[]);
+    assert!(!run.ok(), "dump should be refused: {}", run.describe());
+    let e = &run.stderr;
+    assert!(e.contains("backlog") && e.contains("already sent data") && e.contains(path.to_str().unwrap()) && e.contains(&format!("pid {pid}")), "{e}");
+    assert_eq!(wait_file(&d, "result", secs(30)), "ok");
 }

@@ -173,7 +173,7 @@ fn vmas_and_ranges() {
 
     let bv = find(ba);
     assert_eq!(bv.kind, VmaKind::Anon);
-    let r = mm::dump_ranges(pid, bv).unwrap();
+    let r = mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), bv).unwrap();
     let page = ba & !4095;
     let end = (ba + (16 << 20)) & !4095;
     assert!(
@@ -187,7 +187,7 @@ fn vmas_and_ranges() {
         VmaKind::SharedAnon { size, .. } => assert_eq!(size, 1 << 20),
         ref k => panic!("mmap(-1) is {k:?}"),
     }
-    let r = mm::dump_ranges(pid, mv).unwrap();
+    let r = mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), mv).unwrap();
     // Page 2 was written by a child only: still found, through the object.
     assert_eq!(r, vec![(ma, 4096), (ma + 8192, 4096)]);
 
@@ -198,7 +198,7 @@ fn vmas_and_ranges() {
         .iter()
         .find(|x| matches!(&x.kind, VmaKind::File { file } if file.path.contains("libc")) && x.prot & 2 == 0)
         .unwrap();
-    assert!(mm::dump_ranges(pid, lib).unwrap().is_empty());
+    assert!(mm::dump_ranges(pid, &mm::open_pagemap(pid).unwrap(), lib).unwrap().is_empty());
     assert!(!mm::unreadable(bv));
 }
 
@@ -226,7 +226,7 @@ fn dump_and_restore_fds() {
     let taken = take_fds(pid, &nums);
     let mut ctx = DumpCtx::new(false);
     let entries = ctx.dump_fds(pid, &taken).unwrap();
-    let (image, blobs) = ctx.finish();
+    let (image, blobs) = ctx.finish().unwrap();
     assert_eq!(entries.len(), 7);
     assert_eq!(image.files.len(), 7);
     let kind_of = |fd: i32| {
@@ -277,7 +277,7 @@ fn dump_and_restore_fds() {
     // No JSON round trip here: see `files_image_json_roundtrip` (i128 in a
     // tagged enum does not deserialize).
     let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
-    let fds = kinds::restore_files(&image, &read_blob, false).unwrap();
+    let fds = kinds::restore_files(&image, &read_blob, false, false).unwrap();
     let by_fd = |fd: i32| &fds[&entries.iter().find(|e| e.fd == fd).unwrap().file];
 
     let reg = by_fd(freg);
@@ -332,7 +332,7 @@ fn shared_description_between_parent_and_child() {
     let mut ctx = DumpCtx::new(false);
     let pe = ctx.dump_fds(parent, &take_fds(parent, &[f, d])).unwrap();
     let ce = ctx.dump_fds(child, &take_fds(child, &[f, d, other])).unwrap();
-    let (image, _) = ctx.finish();
+    let (image, _) = ctx.finish().unwrap();
     assert_eq!(image.files.len(), 2, "{image:?}");
     let id = pe[0].file;
     assert!(pe.iter().chain(&ce[..2]).all(|e| e.file == id));
@@ -353,7 +353,7 @@ fn scopeguard(p: Pid) -> KillOnDrop {
 
 #[test]
 fn socket_refused_naming_pid_and_fd() {
-    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\nprint(json.dumps(s.fileno()))");
+    let (g, v) = python("s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(json.dumps(s.fileno()))");
     let pid = g.pid();
     let fd = v.as_i64().unwrap() as i32;
     let mut ctx = DumpCtx::new(false);
@@ -361,6 +361,25 @@ fn socket_refused_naming_pid_and_fd() {
     let msg = format!("{err:#}");
     assert!(msg.contains(&format!("pid {} fd {fd} (socket:[", pid.0)), "{msg}");
     assert!(msg.contains("sockets are not supported yet"), "{msg}");
+}
+
+/// A fresh Unix socket (socket() and nothing else) is described as a lone
+/// socket with its type and options.
+#[test]
+fn fresh_unix_socket_is_lone() {
+    let (g, v) = python("s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\nprint(json.dumps(s.fileno()))");
+    let pid = g.pid();
+    let fd = v.as_i64().unwrap() as i32;
+    let mut ctx = DumpCtx::new(false);
+    ctx.dump_fds(pid, &take_fds(pid, &[fd])).unwrap();
+    let (image, _) = ctx.finish().unwrap();
+    match &image.files[0].kind {
+        FileKind::UnixLone { sock_type, name, rcvq, opts, .. } => {
+            assert_eq!(*sock_type, libc::SOCK_SEQPACKET as u32);
+            assert!(name.is_empty() && *rcvq == 0 && opts.passcred, "{image:?}");
+        }
+        k => panic!("{k:?}"),
+    }
 }
 
 /// An anonymous inode no kind handles (a pidfd) is refused, naming it.
@@ -393,4 +412,158 @@ fn files_image_json_roundtrip() {
     let json = serde_json::to_string(&image).unwrap();
     let back: snap::images::records::FilesImage = serde_json::from_str(&json).unwrap();
     assert_eq!(back, image);
+}
+
+/// Messages of a queue description, taken in receive order (consumes them).
+fn mq_drain(fd: &OwnedFd) -> Vec<(u32, Vec<u8>)> {
+    let a = snap::kinds::sys::mq_getattr(std::os::fd::AsFd::as_fd(fd)).unwrap();
+    let mut buf = vec![0u8; a.msgsize as usize];
+    let mut out = Vec::new();
+    loop {
+        match snap::kinds::sys::mq_receive_now(std::os::fd::AsFd::as_fd(fd), &mut buf) {
+            Ok((n, prio)) => out.push((prio, buf[..n].to_vec())),
+            Err(nix::errno::Errno::ETIMEDOUT) | Err(nix::errno::Errno::EAGAIN) => return out,
+            Err(e) => panic!("mq_timedreceive: {e}"),
+        }
+    }
+}
+
+/// POSIX message queues: a named queue (two descriptions, O_NONBLOCK on
+/// one), an unlinked write-only one; the dump leaves every message in
+/// place in order, restore recreates both (the named one after it was
+/// unlinked) with attributes, mode and messages in order.
+#[test]
+fn mqueue_roundtrip() {
+    let tag = format!("snap-kt-{}", std::process::id());
+    let (na, nb) = (format!("/{tag}-a"), format!("/{tag}-b"));
+    let script = format!(
+        "libc = ctypes.CDLL(None, use_errno=True)\n\
+         class A(ctypes.Structure): _fields_ = [('f', ctypes.c_long), ('max', ctypes.c_long), ('size', ctypes.c_long), ('cur', ctypes.c_long), ('pad', ctypes.c_long * 4)]\n\
+         def mq(name, fl, mode=0, mx=0, sz=0):\n\
+         \x20   a = A(0, mx, sz, 0)\n\
+         \x20   q = libc.mq_open(name.encode(), ctypes.c_int(fl), ctypes.c_uint(mode), ctypes.byref(a))\n\
+         \x20   assert q >= 0, os.strerror(ctypes.get_errno())\n\
+         \x20   return q\n\
+         def send(q, m, p): assert libc.mq_send(q, m, ctypes.c_size_t(len(m)), ctypes.c_uint(p)) == 0, os.strerror(ctypes.get_errno())\n\
+         os.umask(0)\n\
+         a = mq({na:?}, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o640, 5, 32)\n\
+         for m, p in [(b'one', 1), (b'two', 3), (b'three', 1), (b'', 0), (b'five', 3)]: send(a, m, p)\n\
+         a2 = mq({na:?}, os.O_RDONLY)\n\
+         b = mq({nb:?}, os.O_WRONLY | os.O_CREAT, 0o600, 3, 8)\n\
+         send(b, b'x', 2); send(b, b'y', 2)\n\
+         libc.mq_unlink({nb:?}.encode())\n\
+         print(json.dumps([a, a2, b]))"
+    );
+    let (g, v) = python(&script);
+    let pid = g.pid();
+    let nums: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let taken = take_fds(pid, &nums);
+    let mut ctx = DumpCtx::new(false);
+    ctx.set_dumped(&[pid]);
+    let entries = ctx.dump_fds(pid, &taken).unwrap();
+    let (image, blobs) = ctx.finish().unwrap();
+    assert_eq!(image.files.len(), 3, "{image:?}");
+    match &image.files[entries[0].file as usize].kind {
+        FileKind::Mqueue { name, linked: true, maxmsg: 5, msgsize: 32, mode: 0o640, uid: 0, messages: 5, notify: None, .. } => {
+            assert_eq!(name, &na)
+        }
+        k => panic!("{k:?}"),
+    }
+    match &image.files[entries[2].file as usize].kind {
+        FileKind::Mqueue { name, linked: false, maxmsg: 3, msgsize: 8, mode: 0o600, messages: 2, .. } => assert_eq!(name, &nb),
+        k => panic!("{k:?}"),
+    }
+    assert_eq!(blobs.len(), 2, "one blob per queue");
+    // The target's descriptions are untouched (flags) and the queue still
+    // holds its messages, checked at the end.
+    assert!(getfl(&taken[0].1) & libc::O_NONBLOCK != 0);
+    assert!(getfl(&taken[1].1) & libc::O_NONBLOCK == 0);
+
+    // The name is gone at restore: the queue is created from the image.
+    let cna = std::ffi::CString::new(na.clone()).unwrap();
+    snap::kinds::sys::mq_unlink(&cna).unwrap();
+    let blobs: HashMap<String, Vec<u8>> = blobs.into_iter().collect();
+    let read_blob = |name: &str| blobs.get(name).cloned().ok_or_else(|| anyhow::anyhow!("no blob {name}"));
+    let fds = kinds::restore_files(&image, &read_blob, false, false).unwrap();
+    let by = |i: usize| &fds[&entries[i].file];
+    let (ra, ra2, rb) = (by(0), by(1), by(2));
+    assert_eq!(getfl(ra) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_RDWR | libc::O_NONBLOCK);
+    assert_eq!(getfl(ra2) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_RDONLY);
+    assert_eq!(getfl(rb) & (libc::O_ACCMODE | libc::O_NONBLOCK), libc::O_WRONLY);
+    let st = |fd: &OwnedFd| nix::sys::stat::fstat(fd.as_raw_fd()).unwrap();
+    assert_eq!(st(ra).st_ino, st(ra2).st_ino, "one queue, two descriptions");
+    assert_eq!((st(ra).st_mode & 0o7777, st(ra).st_nlink), (0o640, 1));
+    assert_eq!((st(rb).st_mode & 0o7777, st(rb).st_nlink), (0o600, 0), "unlinked again");
+    let a = snap::kinds::sys::mq_getattr(std::os::fd::AsFd::as_fd(ra)).unwrap();
+    assert_eq!((a.maxmsg, a.msgsize, a.curmsgs), (5, 32, 5));
+    let want_a: Vec<(u32, Vec<u8>)> =
+        [(3, "two"), (3, "five"), (1, "one"), (1, "three"), (0, "")].iter().map(|(p, m)| (*p, m.as_bytes().to_vec())).collect();
+    assert_eq!(mq_drain(ra2), want_a, "restored named queue");
+    let rb_read: OwnedFd =
+        std::fs::File::open(format!("/proc/self/fd/{}", rb.as_raw_fd())).unwrap().into();
+    assert_eq!(mq_drain(&rb_read), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "restored unlinked queue");
+    // And the original still has everything, in order.
+    assert_eq!(mq_drain(&taken[0].1), want_a, "original named queue after the dump");
+    let orig_b: OwnedFd =
+        std::fs::File::open(format!("/proc/self/fd/{}", taken[2].1.as_raw_fd())).unwrap().into();
+    assert_eq!(mq_drain(&orig_b), vec![(2, b"x".to_vec()), (2, b"y".to_vec())], "original unlinked queue");
+    drop(fds);
+    let _ = snap::kinds::sys::mq_unlink(&cna);
+}
+
+/// A pseudo-terminal pair held by one process (master, two slave
+/// descriptions): termios, window size, packet mode and TIOCEXCL come back
+/// on a new pair, whose slaves reach the new master.
+#[test]
+fn pty_pair_roundtrip() {
+    use snap::kinds::sys;
+    use std::os::fd::AsFd;
+    let script = "import termios, struct\n\
+         m, s = os.openpty()\n\
+         s2 = os.open(os.ttyname(s), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)\n\
+         a = termios.tcgetattr(s); a[3] &= ~termios.ECHO; a[6][termios.VINTR] = 7; termios.tcsetattr(s, termios.TCSANOW, a)\n\
+         fcntl.ioctl(m, termios.TIOCSWINSZ, struct.pack('HHHH', 33, 111, 0, 0))\n\
+         fcntl.ioctl(m, termios.TIOCPKT, struct.pack('i', 1))\n\
+         fcntl.ioctl(s, termios.TIOCEXCL)\n\
+         print(json.dumps([m, s, s2]))";
+    let (g, v) = python(script);
+    let pid = g.pid();
+    let nums: Vec<i32> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let taken = take_fds(pid, &nums);
+    let lflag = sys::tcgets2(taken[1].1.as_fd()).unwrap().c_lflag;
+    let mut ctx = DumpCtx::new(false);
+    ctx.set_dumped(&[pid]);
+    let entries = ctx.dump_fds(pid, &taken).unwrap();
+    let (image, _) = ctx.finish().unwrap();
+    assert_eq!(image.files.len(), 3, "{image:?}");
+    let FileKind::PtyMaster { index, state, .. } = &image.files[entries[0].file as usize].kind else { panic!("{image:?}") };
+    assert_eq!((state.winsize.rows, state.winsize.cols), (33, 111));
+    assert!(state.packet && !state.locked);
+    assert_eq!(state.session, 0);
+    assert_eq!(state.termios.lflag, lflag);
+    for e in &entries[1..] {
+        assert!(matches!(&image.files[e.file as usize].kind, FileKind::PtySlave { index: i, exclusive: true, .. } if i == index));
+    }
+    // The target's pair is untouched.
+    assert_eq!(sys::ioctl_get_int(taken[0].1.as_fd(), libc::TIOCGPKT).unwrap(), 1);
+    drop(taken);
+    drop(g);
+
+    let fds = kinds::restore_files(&image, &|_| unreachable!("no blobs"), false, false).unwrap();
+    let (m, s, s2) = (&fds[&entries[0].file], &fds[&entries[1].file], &fds[&entries[2].file]);
+    let t = sys::tcgets2(s.as_fd()).unwrap();
+    assert_eq!(t.c_lflag, lflag);
+    assert_eq!(t.c_lflag & libc::ECHO, 0);
+    assert_eq!(t.c_cc[libc::VINTR], 7);
+    let w = sys::get_winsize(s.as_fd()).unwrap();
+    assert_eq!((w.ws_row, w.ws_col), (33, 111));
+    assert_eq!(sys::ioctl_get_int(m.as_fd(), libc::TIOCGPKT).unwrap(), 1);
+    assert_eq!(sys::ioctl_get_int(s.as_fd(), libc::TIOCGEXCL).unwrap(), 1);
+    assert_ne!(getfl(s2) & libc::O_NONBLOCK, 0);
+    assert_eq!(getfl(s) & libc::O_NONBLOCK, 0);
+    // Data from a slave reaches the master (packet mode: a 0 byte first).
+    nix::unistd::write(s2, b"hi").unwrap();
+    let mut buf = [0u8; 16];
+    let n = nix::unistd::read(m.as_raw_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"\0hi");
 }

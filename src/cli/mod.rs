@@ -126,6 +126,12 @@ pub struct DumpArgs {
     /// Allow terminals on stdio; restore attaches them to its own terminal.
     #[arg(long)]
     pub shell_job: bool,
+    /// A Unix stream connection to a named socket outside the dump (an
+    /// outside server's listener) is saved by that name, and `snap restore
+    /// --ext-unix-sk` connects to it again; without it such a connection
+    /// is refused.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
     /// Compress page packs with zstd.
     #[arg(long)]
     pub compress: bool,
@@ -159,6 +165,10 @@ pub struct RestoreArgs {
     /// Give terminal descriptors snap's own terminal.
     #[arg(long)]
     pub shell_job: bool,
+    /// Connect Unix sockets saved with `dump --ext-unix-sk` again to their
+    /// outside server's name (which must be listening).
+    #[arg(long)]
+    pub ext_unix_sk: bool,
     /// Write the restored root's PID to this file (for systemd PIDFile=).
     #[arg(long)]
     pub pidfile: Option<PathBuf>,

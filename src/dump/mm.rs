@@ -34,6 +34,8 @@ pub struct MapsLine {
     pub shared: bool,
     pub pgoff: u64,
     pub inode: u64,
+    /// Major number of the device (0 for the kernel's internal mounts).
+    pub dev_major: u32,
     /// Everything after the inode, leading blanks removed ("" if none).
     pub path: String,
 }
@@ -53,7 +55,7 @@ pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
     let (range, r) = token(line).ok_or_else(bad)?;
     let (perms, r) = token(r).ok_or_else(bad)?;
     let (off, r) = token(r).ok_or_else(bad)?;
-    let (_dev, r) = token(r).ok_or_else(bad)?;
+    let (dev, r) = token(r).ok_or_else(bad)?;
     let (ino, r) = token(r).ok_or_else(bad)?;
     let (s, e) = range.split_once('-').ok_or_else(bad)?;
     let p = perms.as_bytes();
@@ -77,6 +79,7 @@ pub fn parse_maps_line(line: &str) -> Result<MapsLine> {
         shared: p[3] == b's',
         pgoff: u64::from_str_radix(off, 16).map_err(|_| bad())?,
         inode: ino.parse().map_err(|_| bad())?,
+        dev_major: u32::from_str_radix(dev.split_once(':').ok_or_else(bad)?.0, 16).map_err(|_| bad())?,
         path: r.trim_start_matches(' ').to_string(),
     })
 }
@@ -90,6 +93,9 @@ pub struct VmFlags {
     /// The maps line of every VMA, as smaps heads its entry.
     lines: std::collections::HashSet<String>,
     growsdown: Vec<u64>,
+    /// Starts of the VMAs without VM_MAYWRITE ("mw"): a SysV segment
+    /// attached with SHM_RDONLY.
+    no_maywrite: Vec<u64>,
 }
 
 pub fn vm_flags(pid: Pid) -> Result<VmFlags> {
@@ -102,6 +108,9 @@ pub fn vm_flags(pid: Pid) -> Result<VmFlags> {
             if let Some(start) = cur {
                 if flags.split_whitespace().any(|f| f == "gd") {
                     out.growsdown.push(start);
+                }
+                if !flags.split_whitespace().any(|f| f == "mw") {
+                    out.no_maywrite.push(start);
                 }
             }
         } else if let Some((range, _)) = line.split_once(' ') {
@@ -131,10 +140,24 @@ fn map_file_meta(pid: Pid, l: &MapsLine) -> Result<fs::Metadata> {
     fs::metadata(&mf).with_context(|| format!("stat {mf} ({})", l.path))
 }
 
+/// Is this an attachment of a SysV shared memory segment? Its name is
+/// `/SYSV` and the key in 8 hex digits, on the kernel's internal shm mount
+/// (device 0:x), and its inode number is the segment's id.
+pub fn is_sysv_shm(l: &MapsLine) -> bool {
+    let Some(key) = l.path.strip_prefix("/SYSV").and_then(|r| r.strip_suffix(" (deleted)")) else {
+        return false;
+    };
+    l.shared && l.dev_major == 0 && key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()) && l.inode <= i32::MAX as u64
+}
+
 fn classify(pid: Pid, l: &MapsLine) -> Result<VmaKind> {
     let p = l.path.as_str();
     if p == "[vsyscall]" {
         return Ok(VmaKind::Vsyscall);
+    }
+    if is_sysv_shm(l) {
+        // `rdonly` is filled in from VmFlags by the caller.
+        return Ok(VmaKind::SysvShm { shmid: l.inode as i32, rdonly: false });
     }
     if l.shared && is_shmem_name(p) {
         let m = map_file_meta(pid, l)?;
@@ -193,15 +216,19 @@ pub fn read_vmas(pid: Pid, early: Option<VmFlags>) -> Result<Vec<Vma>> {
         .iter()
         .map(|line| parse_maps_line(line).with_context(|| format!("{pid}: {path}")))
         .collect::<Result<Vec<_>>>()?;
-    let gd = match early {
-        Some(f) if raw.iter().all(|l| f.lines.contains(*l)) => f.growsdown,
-        _ => vm_flags(pid).with_context(|| format!("{pid}: VmFlags"))?.growsdown,
+    let flags = match early {
+        Some(f) if raw.iter().all(|l| f.lines.contains(*l)) => f,
+        _ => vm_flags(pid).with_context(|| format!("{pid}: VmFlags"))?,
     };
+    let gd = flags.growsdown;
     let mut out = Vec::new();
     for l in lines {
-        let kind = classify(pid, &l).with_context(|| {
+        let mut kind = classify(pid, &l).with_context(|| {
             format!("{pid}: mapping {:#x}-{:#x} ({})", l.start, l.end, l.path)
         })?;
+        if let VmaKind::SysvShm { rdonly, .. } = &mut kind {
+            *rdonly = flags.no_maywrite.contains(&l.start);
+        }
         out.push(Vma {
             start: l.start,
             end: l.end,
@@ -246,34 +273,32 @@ pub fn runs_from_entries(
     }
 }
 
+/// The pagemap of a process, opened once for all its mappings.
+pub fn open_pagemap(pid: Pid) -> Result<File> {
+    let path = format!("/proc/{}/pagemap", pid.0);
+    File::open(&path).with_context(|| format!("{pid}: opening {path}"))
+}
+
 /// Maximal runs `(address, length in bytes)` of pages of `vma` that must be
 /// saved. Private anonymous memory: present or swapped pages; private file
 /// mappings: their copy-on-write pages; shared anonymous memory: its pages
 /// as seen by this process (call it for any process mapping the object);
-/// [vdso]/[vvar]/[vsyscall] and shared file mappings: none.
-pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
+/// [vdso]/[vvar]/[vsyscall] and shared file mappings: none. `pm` is the
+/// process's pagemap ([`open_pagemap`]).
+pub fn dump_ranges(pid: Pid, pm: &File, vma: &Vma) -> Result<Vec<(u64, usize)>> {
     let Some(keep) = page_filter(vma) else {
         return Ok(Vec::new());
     };
-    let path = format!("/proc/{}/pagemap", pid.0);
-    let ctx = || format!("{pid}: {path} for {:#x}-{:#x}", vma.start, vma.end);
-    let f = File::open(&path).with_context(ctx)?;
-    let pages = ((vma.end - vma.start) / PAGE_SIZE as u64) as usize;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; PAGEMAP_CHUNK.min(pages.max(1)) * 8];
-    let mut done = 0usize;
-    while done < pages {
-        let n = PAGEMAP_CHUNK.min(pages - done);
-        let addr = vma.start + (done * PAGE_SIZE) as u64;
-        let bytes = &mut buf[..n * 8];
-        f.read_exact_at(bytes, addr / PAGE_SIZE as u64 * 8).with_context(ctx)?;
-        let entries: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
-        runs_from_entries(addr, &entries, keep, &mut out);
-        done += n;
-    }
+    let ctx = || format!("{pid}: /proc/{}/pagemap for {:#x}-{:#x}", pid.0, vma.start, vma.end);
+    let mut out = match scan_runs(pm, vma, keep) {
+        Ok(Some(out)) => out,
+        Ok(None) => {
+            let mut out = Vec::new();
+            entry_runs(pm, vma.start, vma.end, keep, &mut out).with_context(ctx)?;
+            out
+        }
+        Err(e) => return Err(e).with_context(ctx),
+    };
     if let VmaKind::SharedAnon { .. } = vma.kind {
         // Pages of the object that only other processes touched have no
         // entry in this process's page table: ask the object itself.
@@ -282,6 +307,69 @@ pub fn dump_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
         out = union_runs(out, data);
     }
     Ok(out)
+}
+
+/// Runs of `[start, end)` that hold content (present, or swapped out for
+/// real, not a pte marker), read entry by entry, appended to `out`.
+pub fn content_runs(pm: &File, start: u64, end: u64, out: &mut Vec<(u64, usize)>) -> Result<()> {
+    entry_runs(pm, start, end, has_content, out).with_context(|| format!("pagemap for {start:#x}-{end:#x}"))
+}
+
+/// Runs of `[start, end)` whose pagemap entries pass `keep`, read entry by
+/// entry (8 bytes per page), appended to `out`.
+fn entry_runs(pm: &File, start: u64, end: u64, keep: fn(u64) -> bool, out: &mut Vec<(u64, usize)>) -> Result<()> {
+    let pages = ((end - start) / PAGE_SIZE as u64) as usize;
+    let mut buf = vec![0u8; PAGEMAP_CHUNK.min(pages.max(1)) * 8];
+    let mut done = 0usize;
+    while done < pages {
+        let n = PAGEMAP_CHUNK.min(pages - done);
+        let addr = start + (done * PAGE_SIZE) as u64;
+        let bytes = &mut buf[..n * 8];
+        pm.read_exact_at(bytes, addr / PAGE_SIZE as u64 * 8)?;
+        let entries: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        runs_from_entries(addr, &entries, keep, out);
+        done += n;
+    }
+    Ok(())
+}
+
+/// The same runs as [`entry_runs`] over the whole VMA, but from one
+/// `PAGEMAP_SCAN` walk that returns runs of pages with equal categories
+/// instead of an entry per page (a fully populated 1 GiB mapping is one
+/// run, not 2 MiB of entries to read and parse). The scan cannot tell a
+/// page swapped out from a pte marker (uffd write-protection leaves one on
+/// every untouched page it protects), so swapped runs are looked up entry
+/// by entry. `None` where the kernel has no `PAGEMAP_SCAN` (before 6.7).
+fn scan_runs(pm: &File, vma: &Vma, keep: fn(u64) -> bool) -> Result<Option<Vec<(u64, usize)>>> {
+    use crate::sys::uffd::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+    use std::os::fd::AsFd;
+    let any = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    let regions = match crate::sys::uffd::scan_raw(pm.as_fd(), vma.start, vma.end, 0, 0, any, any | PAGE_IS_FILE) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // Present pages of a private file mapping count only as copies made on
+    // write (anonymous, not the file's page cache).
+    let private_file = matches!(vma.kind, VmaKind::File { .. });
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for (s, e, cat) in regions {
+        if cat & PAGE_IS_PRESENT != 0 {
+            if private_file && cat & PAGE_IS_FILE != 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some((ls, ll)) if *ls + *ll as u64 == s => *ll += (e - s) as usize,
+                _ => out.push((s, (e - s) as usize)),
+            }
+        } else {
+            entry_runs(pm, s, e, keep, &mut out)?;
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Ranges (as addresses in `vma`) where the shmem object behind a shared
@@ -370,6 +458,20 @@ mod tests {
     }
 
     #[test]
+    fn sysv_names() {
+        let l = parse_maps_line("7f5b49a79000-7f5b49a7d000 rw-s 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(is_sysv_shm(&l));
+        assert_eq!((l.inode, l.dev_major), (7, 0));
+        // A real file of that name, a private mapping, a malformed key: not SysV.
+        let f = parse_maps_line("1000-2000 rw-s 00000000 fe:00 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&f));
+        let p = parse_maps_line("1000-2000 rw-p 00000000 00:01 7    /SYSV1234abcd (deleted)").unwrap();
+        assert!(!is_sysv_shm(&p));
+        let k = parse_maps_line("1000-2000 rw-s 00000000 00:01 7    /SYSV12 (deleted)").unwrap();
+        assert!(!is_sysv_shm(&k));
+    }
+
+    #[test]
     fn runs() {
         let e = [PM_PRESENT, PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_FILE_OR_SHARED];
         let mut out = vec![];
@@ -393,6 +495,59 @@ mod tests {
         assert!(v.iter().any(|v| v.kind == VmaKind::Special { name: "[vdso]".into() }));
         assert!(v.iter().any(|v| matches!(v.kind, VmaKind::File { .. })));
         let stack = v.iter().find(|v| v.growsdown).expect("main stack is growsdown");
-        assert!(!dump_ranges(me, stack).unwrap().is_empty());
+        let pm = open_pagemap(me).unwrap();
+        assert!(!dump_ranges(me, &pm, stack).unwrap().is_empty());
+    }
+
+    /// The PAGEMAP_SCAN walk finds exactly the pages the entry-by-entry
+    /// read finds: written anonymous pages (not untouched or zapped ones,
+    /// and the zero page counts as present), and in a private file mapping
+    /// only the pages copied on write.
+    #[test]
+    fn scan_runs_match_entry_runs() {
+        use std::os::fd::AsRawFd;
+        let me = Pid(std::process::id() as i32);
+        let ps = PAGE_SIZE;
+        let anon = nix_mmap(64 * ps, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        for p in (0..10).chain([20]).chain(30..40) {
+            // SAFETY: inside the 64-page mapping made above.
+            unsafe { *anon.add(p * ps) = 1 };
+        }
+        // SAFETY: reads inside the mapping (maps the shared zero page).
+        let _ = unsafe { std::ptr::read_volatile(anon.add(50 * ps)) };
+        // SAFETY: a range of the mapping made above.
+        assert_eq!(unsafe { libc::madvise(anon.add(32 * ps) as *mut libc::c_void, 2 * ps, libc::MADV_DONTNEED) }, 0);
+        let exe = File::open("/proc/self/exe").unwrap();
+        let file = nix_mmap(4 * ps, libc::MAP_PRIVATE, exe.as_raw_fd());
+        // SAFETY: inside the 4-page file mapping: page 0 read, page 1 copied.
+        unsafe {
+            let _ = std::ptr::read_volatile(file);
+            *file.add(ps) ^= 0xff;
+        }
+        let vmas = read_vmas(me, None).unwrap();
+        let pm = open_pagemap(me).unwrap();
+        for (at, want) in [
+            (anon as u64, vec![(0u64, 10usize), (20, 1), (30, 2), (34, 6), (50, 1)]),
+            (file as u64, vec![(1, 1)]),
+        ] {
+            let v = vmas.iter().find(|v| v.start <= at && at < v.end).expect("the test mapping");
+            let keep = page_filter(v).expect("content to save");
+            let mut by_entry = Vec::new();
+            entry_runs(&pm, v.start, v.end, keep, &mut by_entry).unwrap();
+            let by_scan = scan_runs(&pm, v, keep).unwrap().expect("PAGEMAP_SCAN (Linux 6.7+)");
+            let rel = |r: &[(u64, usize)]| -> Vec<(u64, usize)> {
+                r.iter().filter(|x| x.0 >= at).map(|&(a, l)| ((a - at) / ps as u64, l / ps)).collect()
+            };
+            assert_eq!(rel(&by_entry), want, "entry by entry");
+            assert_eq!(rel(&by_scan), want, "PAGEMAP_SCAN");
+        }
+    }
+
+    fn nix_mmap(len: usize, flags: i32, fd: i32) -> *mut u8 {
+        // SAFETY: a fresh mapping chosen by the kernel; never unmapped (the
+        // test process ends).
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as *mut u8
     }
 }

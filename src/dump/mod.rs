@@ -23,7 +23,7 @@ use crate::images::{ImageReader, ImageWriter, PageHash};
 use crate::track::{self, TrackSet};
 use std::path::Path;
 use crate::kinds::{self, DumpCtx};
-use crate::parasite::Parasite;
+use crate::parasite::{remote, Parasite};
 use crate::progress::Progress;
 use crate::types::{Pid, RemoteAddr, PAGE_SIZE};
 use anyhow::{bail, Context, Result};
@@ -145,8 +145,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         _ => None,
     };
     let mut armed = BTreeMap::new();
-    let t_seize = Instant::now();
     let stopped_for;
+    let stored;
     // Everything the parent can tell is loaded before the processes stop.
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
     let mut parent_procs = BTreeMap::new();
@@ -157,12 +157,28 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     // VmFlags of the roots (see `mm::vm_flags`), while they still run.
     let mut early_flags: BTreeMap<Pid, mm::VmFlags> =
         roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
+    // Staging for the pages an incremental dump with tracking copies out
+    // while the processes are stopped (hashed and stored once they run
+    // again), touched now, while they still run: faulting in fresh memory
+    // is slow on these VMs. Sized from the pages written so far.
+    let mut staging: Vec<u8> = Vec::new();
+    if let (true, Some(h), Some(_)) = (a.leave_running, &held, &parent) {
+        if h.backend == track::UFFD_WP {
+            let est: u64 = h.procs.keys().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
+            staging = prefaulted((est + est / 4) as usize + (1 << 20));
+        }
+    }
+    let mut pending: Vec<ProcDone> = Vec::new();
     crate::images::dir::timing("dump: parent loaded");
+    // The processes are stopped from here until they are resumed or killed.
+    let t_seize = Instant::now();
     let mut seized = seize::Seized::trees(&roots)?;
+    crate::images::dir::timing("dump: seized");
     // Every thread is held by ptrace now: the caller's freeze can go.
     drop(barrier);
     let mut counts = Counts::default();
     let mut fctx = DumpCtx::new(a.shell_job);
+    fctx.set_ext_unix_sk(a.ext_unix_sk);
     fctx.set_dumped(&seized.pids);
     // A whole pid namespace (its init included) is recorded with the
     // namespace's pids; everything else with host pids.
@@ -173,6 +189,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut total_pages: u64 = 0;
     let mut xsave_mask = 0u64;
     let mut xsave_size = 0u32;
+    // Every process's SysV shm attachments, for `ipc::sysv::dump`.
+    let mut sysv_maps: Vec<(Pid, Vec<Vma>)> = Vec::new();
 
     for &pid in &seized.pids.clone() {
         let mut p = proc::read_process(pid).with_context(|| format!("dumping {pid}"))?;
@@ -204,6 +222,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         }
         p.shared_pending = threads::shared_pending(tids[0])?;
         p.vmas = mm::read_vmas(pid, early_flags.remove(&pid)).with_context(|| format!("{pid}: reading mappings"))?;
+        sysv_maps.push((pid, p.vmas.iter().filter(|v| matches!(v.kind, VmaKind::SysvShm { .. })).cloned().collect()));
         // Incremental: what the parent holds of this same process, and which
         // pages tracking says are unchanged since (asked before the parasite
         // writes anything into the process).
@@ -214,10 +233,12 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             // exec'd since: a new address space the old uffd knows nothing of.
             trk = None;
         }
+        crate::images::dir::timing("dump: /proc read");
         let dirt = match (&trk, &prev, &held) {
             (Some(_), Some(_), Some(h)) => Some(track::dirt(pid, &h.backend)?),
             _ => None,
         };
+        crate::images::dir::timing("dump: dirty pages asked");
 
         // Listed before the parasite adds its own transport descriptors.
         let fds = kinds::list_fds(pid)?;
@@ -233,6 +254,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         p.mm.brk = par.syscall(tids[0], libc::SYS_brk, [0; 6])? as u64;
         p.dumpable = par.syscall(tids[0], libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0])? as i32;
         p.threads = ths;
+        crate::images::dir::timing("dump: parasite in, task state read");
 
         // Descriptors: taken over SCM_RIGHTS, described kind by kind.
         let taken = par.take_fds(&fds).with_context(|| format!("{pid}: taking descriptors"))?;
@@ -240,23 +262,31 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         p.fds = fctx.dump_fds(pid, &pairs)?;
         p.file_locks = kinds::locks::dump(pid, &pairs, &p, &seized.pids)?;
         drop(pairs);
+        crate::images::dir::timing("dump: descriptors");
 
         // Memory.
         let mut map: Vec<(u64, PageHash)> = Vec::new();
         let mut plan = Vec::new();
-        let mut parent_at = 0;
         // Runs of pages whose entries this image takes from the parent's
         // page map of the same process.
         let mut inherit: Vec<(u64, usize)> = Vec::new();
         let before = (counts.present, counts.read, counts.reused);
+        let pm = mm::open_pagemap(pid)?;
         for vma in &p.vmas {
-            let mut ranges = mm::dump_ranges(pid, vma)?;
+            let from_walk = match (&dirt, &prev) {
+                (Some(d), Some((_, pspans))) => d.present_runs(&pm, vma, pspans).with_context(|| format!("{pid}: pages of {:#x}-{:#x}", vma.start, vma.end))?,
+                _ => None,
+            };
+            let mut ranges = match from_walk {
+                Some(r) => r,
+                None => mm::dump_ranges(pid, &pm, vma)?,
+            };
             counts.present += ranges.iter().map(|r| (r.1 / PAGE_SIZE) as u64).sum::<u64>();
             let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
             if let (Some(d), Some((_, pmap)), false) = (&dirt, &prev, shared) {
                 // Shared memory is always read: writes through a file or
                 // another process's mapping pass no page table of this one.
-                ranges = track::split(&ranges, d, pmap, &mut parent_at, &mut inherit);
+                ranges = track::split(&ranges, d, pmap, &mut inherit);
             }
             if !ranges.is_empty() {
                 plan.push((vma, ranges));
@@ -272,12 +302,29 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         map.reserve(bytes / PAGE_SIZE);
         let mut shm_out: Vec<(u64, PageHash)> = Vec::new();
         let mut prog = Progress::new("dump", bytes as u64);
+        let mut readv_buf = Vec::new();
+        let stage_from = staging.len();
+        let mut staged: Vec<(u64, usize)> = Vec::new();
         for (vma, ranges) in plan {
             let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
             // Private memory goes straight into the page map.
             let out: &mut Vec<(u64, PageHash)> = if shared { &mut shm_out } else { &mut map };
+            let mean = ranges.iter().map(|r| r.1).sum::<usize>() / ranges.len().max(1);
             if vma.prot & libc::PROT_READ as u32 == 0 {
                 read_via_mem(pid, &ranges, &mut |addr, data| w.pages().add_pages(addr, data, out))?;
+            } else if mean < SCATTERED && a.leave_running && !shared {
+                // Scattered pages (typically those written since the last
+                // dump), read from outside a thousand ranges per call and
+                // only copied while the processes are stopped.
+                remote::read_ranges_into(pid, &ranges, &mut staging)?;
+                staged.extend_from_slice(&ranges);
+                prog.add(ranges.iter().map(|r| r.1 as u64).sum());
+            } else if mean < SCATTERED {
+                let pages = w.pages();
+                remote::read_ranges(pid, &ranges, &mut readv_buf, &mut |addr, data| {
+                    prog.add(data.len() as u64);
+                    pages.add_pages(addr, data, out)
+                })?;
             } else {
                 let mut cur = RangeCursor::new(&ranges);
                 let pages = w.pages();
@@ -320,30 +367,41 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             }
         }
         if let Some(b) = track_backend {
-            match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take()) {
+            match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take(), dirt.as_ref().map(|d| &d.covered[..])) {
                 Ok(t) => {
                     armed.insert(pid, t);
                 }
                 Err(e) => eprintln!("snap: warning: {pid}: dirty tracking not armed ({e:#}); its next dump reads every page"),
             }
         }
+        crate::images::dir::timing("dump: tracking armed");
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
-        map.sort_by_key(|e| e.0);
-        w.write_pagemap(&format!("pagemap-{}.bin", ipid.0), &map)?;
-        if !inherit.is_empty() {
-            w.write_inherited(&format!("pagemap-{}.bin", ipid.0), &inherit)?;
-        }
+        crate::images::dir::timing("dump: parasite out");
         if let Some(n) = &ns {
             n.process(&mut p)?;
         }
-        w.write_json(&format!("proc-{}.json", ipid.0), &p)?;
+        let done = ProcDone { p, map, inherit, staged, stage_from };
+        if done.staged.is_empty() {
+            done.write(&mut w, &staging)?;
+        } else {
+            pending.push(done);
+        }
     }
 
+    // SysV objects, while every process is still stopped.
+    // In a whole-namespace image, a last user outside the namespace is 0
+    // (none), as the namespace would see it.
+    let ipc_pid = |h: i32| match &ns {
+        Some(n) => Some(n.pid(h).unwrap_or(0)),
+        None => Some(h),
+    };
+    crate::ipc::sysv::dump(&seized.pids, &sysv_maps, &mut w, &ipc_pid)?;
     for (id, obj) in &shmem {
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
-    let (mut files, blobs) = fctx.finish();
+    fctx.check_done()?;
+    let (mut files, blobs) = fctx.finish()?;
     if let Some(n) = &ns {
         n.files(&mut files)?;
     }
@@ -397,18 +455,24 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         }),
         pidns: ns.as_ref().map(|n| n.info()),
     };
-    let stored = w.pages().stats().stored_pages;
     let pids: Vec<i32> = seized.pids.iter().map(|&p| image_pid(p).0).collect();
     if a.leave_running {
         // Everything is read: the processes go on while the image is
         // finished (a failure from here on leaves them running anyway).
+        crate::images::dir::timing("dump: read all");
         resume_in_place(&seized)?;
         drop(seized);
         let stopped = t_seize.elapsed();
+        crate::images::dir::timing("dump: resumed");
+        for done in pending.drain(..) {
+            done.write(&mut w, &staging)?;
+        }
+        stored = w.pages().stats().stored_pages;
         w.finish(inv)?;
         stopped_for = stopped;
     } else {
         // Killed only once the image is complete on disk.
+        stored = w.pages().stats().stored_pages;
         w.finish(inv)?;
         seized.kill_all();
         drop(seized);
@@ -440,6 +504,48 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     Ok(DumpOutcome { summary, tracking })
 }
 
+/// One process's record and page map, written once its staged pages (if
+/// any) are hashed and stored.
+struct ProcDone {
+    p: ProcessImage,
+    map: Vec<(u64, PageHash)>,
+    inherit: Vec<(u64, usize)>,
+    /// Ranges whose bytes sit in the staging buffer from `stage_from` on.
+    staged: Vec<(u64, usize)>,
+    stage_from: usize,
+}
+
+impl ProcDone {
+    fn write(mut self, w: &mut ImageWriter, staging: &[u8]) -> Result<()> {
+        let pid = Pid(self.p.pid);
+        let mut off = self.stage_from;
+        for &(addr, len) in &self.staged {
+            w.pages().add_pages(addr, &staging[off..off + len], &mut self.map).with_context(|| format!("{pid}: storing pages"))?;
+            off += len;
+        }
+        self.map.sort_by_key(|e| e.0);
+        let name = format!("pagemap-{}.bin", pid.0);
+        w.write_pagemap(&name, &self.map)?;
+        if !self.inherit.is_empty() {
+            w.write_inherited(&name, &self.inherit)?;
+        }
+        w.write_json(&format!("proc-{}.json", pid.0), &self.p)
+    }
+}
+
+/// A buffer of `n` bytes' capacity whose pages are already faulted in.
+fn prefaulted(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0u8);
+    std::hint::black_box(&mut v);
+    v.clear();
+    v
+}
+
+/// Mean run length (bytes) under which a mapping's pages are read with
+/// `process_vm_readv` rather than through the parasite's pipe.
+const SCATTERED: usize = 64 * 1024;
+
 /// Pages counted over the whole dump, for the summary.
 #[derive(Default)]
 struct Counts {
@@ -455,7 +561,8 @@ struct Counts {
 }
 
 /// Every process of the parent image with its page map.
-type ParentProcs = BTreeMap<Pid, (ProcessImage, Vec<(u64, PageHash)>)>;
+/// Per process of the parent: its record and the addresses its page map covers.
+type ParentProcs = BTreeMap<Pid, (ProcessImage, track::Spans)>;
 
 fn parent_processes(r: &ImageReader) -> Result<ParentProcs> {
     let mut out = BTreeMap::new();
@@ -463,7 +570,7 @@ fn parent_processes(r: &ImageReader) -> Result<ParentProcs> {
         let pp: ProcessImage = r.read_json(&format!("proc-{pid}.json"))?;
         let pm = format!("pagemap-{pid}.bin");
         let map = if r.has(&pm) { r.pagemap(&pm)? } else { Vec::new() };
-        out.insert(Pid(pid), (pp, map));
+        out.insert(Pid(pid), (pp, track::spans_of(&map)));
     }
     Ok(out)
 }

@@ -724,6 +724,7 @@ impl Supervisor {
             // joined from a shell) must not make every checkpoint fail;
             // restoring such an image needs --shell-job.
             shell_job: true,
+            ext_unix_sk: false,
             compress,
             track_mem: true,
             prev_images_dir: prev,

@@ -600,6 +600,8 @@ pub fn timing(label: &str) {
     use std::time::Instant;
     static START: OnceLock<Option<Instant>> = OnceLock::new();
     if let Some(t0) = START.get_or_init(|| std::env::var_os("SNAP_TIMING").map(|_| Instant::now())) {
-        eprintln!("snap timing: {:9.3} ms  {label}", t0.elapsed().as_secs_f64() * 1e3);
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+            .map_or(0.0, |t| t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6);
+        eprintln!("snap timing: {:9.3} ms  (cpu {cpu:9.3} ms)  {label}", t0.elapsed().as_secs_f64() * 1e3);
     }
 }

@@ -6,6 +6,7 @@
 //! Page contents are not here: they live in the page store (`pagestore.rs`),
 //! referenced by `PageRef`s in the per-process page maps.
 
+use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Current image format version. Bump on incompatible changes.
@@ -236,10 +237,86 @@ pub enum VmaKind {
     /// shm): its content is in `shmem-<id>` page map, shared by every
     /// process that maps the same object.
     SharedAnon { shmem_id: u64, size: u64 },
+    /// A SysV shared memory attachment (`shmat`): segment `shmid` of
+    /// `ipc.json`, attached at `start - pgoff`; `rdonly` for `SHM_RDONLY`
+    /// (the mapping may never be made writable). Its content is the
+    /// segment's, saved once in `ipc.json`'s page map, not per process.
+    SysvShm { shmid: i32, rdonly: bool },
     /// [vdso], [vvar], [vvar_vclock]: provided by the kernel.
     Special { name: String },
     /// [vsyscall]: fixed by the kernel, never touched.
     Vsyscall,
+}
+
+/// `ipc.json`: SysV IPC objects (`ipc/sysv.rs`). With `own_namespace` the
+/// processes had an IPC namespace of their own and these are all of its
+/// objects (restore makes a new namespace); otherwise they are the objects
+/// of the host's namespace that the processes used.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpcImage {
+    pub own_namespace: bool,
+    /// With an own namespace: its limits (`kernel.shmmax`, `msgmnb`, ...).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    pub shm: Vec<ShmSegment>,
+    #[serde(default)]
+    pub sem: Vec<SemSet>,
+    #[serde(default)]
+    pub msg: Vec<MsgQueue>,
+}
+
+/// What every SysV object has: id, key (0 = IPC_PRIVATE), permission bits
+/// (the low 9 bits of the mode), owner and creator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IpcPerm {
+    pub id: i32,
+    pub key: i32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+}
+
+/// A shared memory segment. Its pages are in page map `pagemap` (offsets in
+/// the segment), through the page store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShmSegment {
+    pub perm: IpcPerm,
+    pub size: u64,
+    /// Removed with IPC_RMID while still attached (SHM_DEST).
+    pub dest: bool,
+    /// Locked in memory with SHM_LOCK (SHM_LOCKED).
+    pub locked: bool,
+    pub pagemap: String,
+}
+
+/// A semaphore set: each semaphore's value and the pid of the last
+/// operation on it (`semctl GETPID`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SemSet {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+    pub pids: Vec<i32>,
+}
+
+/// A message queue: its byte limit, last sender and receiver, and every
+/// queued message in order; the message texts are concatenated in `blob`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MsgQueue {
+    pub perm: IpcPerm,
+    pub qbytes: u64,
+    pub lspid: i32,
+    pub lrpid: i32,
+    pub messages: Vec<Msg>,
+    pub blob: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Msg {
+    pub mtype: i64,
+    pub len: u64,
 }
 
 /// Identity of a file when it was dumped: restore refuses if it changed.
@@ -296,7 +373,7 @@ pub enum FileKind {
     /// An eventfd: its counter and whether it is in semaphore mode
     /// (`O_NONBLOCK` is in `OpenFile::flags`).
     Eventfd { count: u64, semaphore: bool },
-    /// A timerfd: its clock, unread expirations, `timerfd_settime` flags
+    /// A timerfd: its clock, unread expirations (`ticks`), `timerfd_settime` flags
     /// (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`), time left until the
     /// next expiration and the interval (ns; 0/0 = disarmed), and for an
     /// absolute timer the expiration time on its clock (ns).
@@ -308,35 +385,137 @@ pub enum FileKind {
     /// that very file at that number); restore adds the watches inside that
     /// process once its fd table is in place.
     Epoll { owner: i32, watches: Vec<crate::kinds::epoll::EpollWatch> },
-    /// An inotify instance: its watches (path resolved at dump, mask, wd).
-    /// Unread events are not saved.
-    Inotify { watches: Vec<crate::kinds::inotify::InotifyWatch> },
+    /// An inotify instance: its watches (path resolved at dump, mask, wd)
+    /// and its unread events in queue order (see `kinds/inotify.rs`).
+    Inotify {
+        watches: Vec<crate::kinds::inotify::InotifyWatch>,
+        #[serde(default)]
+        events: Vec<crate::kinds::inotify::InotifyEvent>,
+    },
+    /// A POSIX message queue (`mq_open`), see `kinds/mqueue.rs`. `name`:
+    /// `/name` in its IPC namespace; `linked`: the name still led to this
+    /// queue at dump; `ino`: queue inode at dump (the descriptions of one
+    /// queue share it); attributes, mode and owner of the queue; `messages`
+    /// queued, stored once per queue in blob `blob` (empty when none) in
+    /// receive order as (priority u32 LE, length u32 LE, bytes); `notify`:
+    /// its `mq_notify` registration.
+    Mqueue {
+        name: String,
+        linked: bool,
+        ino: u64,
+        maxmsg: u64,
+        msgsize: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        messages: u64,
+        blob: String,
+        notify: Option<crate::kinds::mqueue::MqNotify>,
+    },
     /// A named pipe (FIFO) opened by path; data as for pipes.
     Fifo { path: String, pipe_id: u64, write_end: bool, buffered: u64, pipe_size: u64 },
     /// A terminal that restore replaces with its own (`--shell-job`).
     Tty { path: String },
+    /// The master side of a pseudo-terminal (`/dev/ptmx`), pts number
+    /// `index` at dump, with the state of the pair (`kinds/pty.rs`).
+    /// Restore opens a new pair; the pts number may differ.
+    PtyMaster { path: String, index: u32, state: crate::kinds::pty::PtyState },
+    /// A slave side (`/dev/pts/N`) of a pseudo-terminal whose master is in
+    /// the dump too (the `PtyMaster` with the same `index`).
+    /// `exclusive`: TIOCEXCL was set on it.
+    PtySlave { path: String, index: u32, exclusive: bool },
     /// A connected Unix-domain socket whose peer is in the dump too
-    /// (socketpair, or an accepted socket and its client). Restored as a
-    /// socketpair() with its peer. `ino`/`peer`: socket inodes at dump.
-    /// `name`: local address at dump (informational: an accepted socket's
-    /// name, the listener's, is not given back). Its receive queue is in
-    /// blob `unix-<ino>.rcvq`; `msgs` are the message lengths for
-    /// SOCK_DGRAM/SOCK_SEQPACKET (one entry per message, in order).
+    /// (socketpair, or an accepted socket and its client), or a client
+    /// whose connection waits in the backlog of a listener of the dump
+    /// (`listener` ≠ 0, `peer` 0). `ino`/`peer`: socket inodes at dump.
+    /// `name`, `peer_name`: the two ends' addresses ("/path", "@abstract",
+    /// "" unnamed; an accepted socket's is its listener's), given back at
+    /// restore. Its receive queue is in blob `unix-<ino>.rcvq`; `msgs` are
+    /// the message lengths for SOCK_DGRAM/SOCK_SEQPACKET (one entry per
+    /// message, in order). `file`: the socket file of a datagram socket
+    /// bound to a path of its own. `scm`: files in flight in its queue.
     UnixPeer {
         ino: u64,
         peer: u64,
         sock_type: u32,
         name: String,
+        #[serde(default)]
+        peer_name: String,
+        #[serde(default)]
+        listener: u64,
         rcvq: u64,
         msgs: Vec<u64>,
         /// sk_shutdown bits (1 = receive, 2 = send).
         shutdown: u32,
         opts: UnixOpts,
+        #[serde(default)]
+        file: Option<SockFile>,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
+        /// The peer is outside the dump (`dump --ext-unix-sk`): restore
+        /// connects a new socket to `peer_name`, the outside listener's.
+        #[serde(default)]
+        ext: bool,
     },
     /// A listening Unix-domain socket bound to a path (`/…`) or an abstract
-    /// name (`@…`), with no connection waiting in its backlog. `mode`,
-    /// `uid`, `gid`: of the socket file (path names only).
-    UnixListen { ino: u64, sock_type: u32, name: String, backlog: u64, mode: u32, uid: u32, gid: u32, opts: UnixOpts },
+    /// name (`@…`). `mode`, `uid`, `gid`: of the socket file (path names
+    /// only). `pending`: connections waiting in its backlog, in accept
+    /// order, from clients of the dump.
+    UnixListen {
+        ino: u64,
+        sock_type: u32,
+        name: String,
+        backlog: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        opts: UnixOpts,
+        #[serde(default)]
+        pending: Vec<PendingConn>,
+    },
+    /// A Unix-domain socket neither connected nor listening: fresh from
+    /// socket(), or bound to a name (`file`: its socket file, for a path).
+    /// A datagram socket's queue is in blob `unix-<ino>.rcvq`, one entry of
+    /// `msgs` and of `senders` (address, "" unnamed) per datagram.
+    UnixLone {
+        ino: u64,
+        sock_type: u32,
+        name: String,
+        file: Option<SockFile>,
+        rcvq: u64,
+        msgs: Vec<u64>,
+        senders: Vec<String>,
+        shutdown: u32,
+        opts: UnixOpts,
+        #[serde(default)]
+        scm: Vec<ScmFiles>,
+    },
+}
+
+/// Files in flight (SCM_RIGHTS) with one queued message of a Unix socket:
+/// the message's index in `msgs` (on a stream socket with files in flight,
+/// `msgs` holds the lengths of the runs of bytes read at once), and the
+/// open files passed, by id in this files image, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScmFiles {
+    pub msg: u32,
+    pub files: Vec<u32>,
+}
+
+/// Mode and owner of the socket file of a Unix socket bound to a path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SockFile {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A connection waiting in a listener's backlog: the client socket's inode
+/// and name (its own, "" if unnamed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PendingConn {
+    pub ino: u64,
+    pub name: String,
 }
 
 /// Socket options of a Unix-domain socket that restore sets again.
@@ -348,6 +527,16 @@ pub struct UnixOpts {
     pub rcvbuf: u64,
     /// SO_PEEK_OFF (-1: off).
     pub peek_off: i64,
+    #[serde(default)]
+    pub passsec: bool,
+    /// SO_PASSPIDFD (false where the kernel lacks it).
+    #[serde(default)]
+    pub passpidfd: bool,
+    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds (0: none).
+    #[serde(default)]
+    pub rcvtimeo_us: u64,
+    #[serde(default)]
+    pub sndtimeo_us: u64,
 }
 
 /// Disposition of one signal.

@@ -1,6 +1,8 @@
 //! Character devices: the memory devices (/dev/null, zero, full, random,
 //! urandom), and terminals, which only a `--shell-job` dump and restore
 //! take (restore gives the restored processes its own terminal).
+//! Pseudo-terminal pairs held inside the tree are `pty.rs`'s; a slave whose
+//! master is outside comes back here as `FileKind::Tty` (`pty::check`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 

@@ -32,14 +32,18 @@ pub mod eventfd;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
+pub mod mqueue;
 pub mod pidfd;
 pub mod pipe;
+pub mod pty;
 pub mod regular;
 pub mod signalfd;
 pub mod sys;
 pub mod timerfd;
 pub mod unix;
 pub mod unix_diag;
+pub mod unix_named;
+pub mod unix_queue;
 
 /// Everything known about one descriptor before a kind looks at it.
 pub struct Probe<'a> {
@@ -73,6 +77,18 @@ pub struct DumpShared {
     pub saved: HashSet<String>,
     /// Every process of the dump (a pidfd must refer to one of them).
     pub dumped: Vec<Pid>,
+    /// Pseudo-terminal descriptors seen, checked against each other at the end.
+    pub ptys: Vec<pty::Seen>,
+    /// Files in flight in a Unix socket's queue (SCM_RIGHTS) just read by
+    /// a kind: described right after it, as files of no process.
+    pub inflight: Vec<OwnedFd>,
+    /// Unix sockets found in flight, and sockets held by no process that
+    /// must be among them (checked at the end).
+    pub unix_inflight: HashSet<u64>,
+    pub unix_unheld: Vec<(u64, String)>,
+    /// `--ext-unix-sk`: a stream connection to a listener outside the dump
+    /// is recorded by the listener's path, and connected again at restore.
+    pub ext_unix_sk: bool,
 }
 
 /// One kind of descriptor, dump side.
@@ -83,11 +99,13 @@ pub struct Kind {
     pub dump: fn(&Probe, &mut DumpShared) -> Option<Result<FileKind>>,
 }
 
-/// Kinds in the order they are tried (deleted before regular).
+/// Kinds in the order they are tried (mqueue and deleted before regular).
 pub const REGISTRY: &[Kind] = &[
+    mqueue::KIND,
     memfd::KIND,
     deleted::KIND,
     regular::KIND,
+    pty::KIND,
     chardev::KIND,
     pipe::KIND,
     eventfd::KIND,
@@ -142,15 +160,39 @@ pub struct DumpCtx {
     /// (dev, ino) -> descriptions already described, with one (pid, fd)
     /// that holds each, to compare new descriptors against with kcmp.
     index: HashMap<(u64, u64), Vec<(u32, Pid, RemoteFd)>>,
+    /// snap's copies of files in flight, indexed as held by snap itself:
+    /// open until the end so later descriptors are compared with them.
+    inflight_held: Vec<OwnedFd>,
 }
 
 impl DumpCtx {
     pub fn new(shell_job: bool) -> Self {
         DumpCtx {
             files: Vec::new(),
-            shared: DumpShared { shell_job, blobs: Vec::new(), saved: HashSet::new(), dumped: Vec::new() },
+            shared: DumpShared {
+                shell_job,
+                blobs: Vec::new(),
+                saved: HashSet::new(),
+                dumped: Vec::new(),
+                inflight: Vec::new(),
+                unix_inflight: HashSet::new(),
+                unix_unheld: Vec::new(),
+                ext_unix_sk: false,
+                ptys: Vec::new(),
+            },
             index: HashMap::new(),
+            inflight_held: Vec::new(),
         }
+    }
+
+    /// `--ext-unix-sk` (see `unix.rs`).
+    pub fn set_ext_unix_sk(&mut self, on: bool) {
+        self.shared.ext_unix_sk = on;
+    }
+
+    /// Checks that need every descriptor seen: call before `finish`.
+    pub fn check_done(&self) -> Result<()> {
+        unix::check_inflight(&self.shared)
     }
 
     /// The processes of the dump (for descriptors that refer to processes).
@@ -200,12 +242,39 @@ impl DumpCtx {
         let id = self.files.len() as u32;
         self.files.push(OpenFile { id, flags, kind });
         self.index.entry(key).or_default().push((id, pid, fd));
+        self.dump_inflight(id).with_context(|| format!("{pid} {fd}: a file in flight in its queue (SCM_RIGHTS)"))?;
         Ok(FdEntry { fd: fd.0, cloexec, file: id })
     }
 
-    /// The files image and the extra blobs to write next to it.
-    pub fn finish(self) -> (FilesImage, Vec<(String, Vec<u8>)>) {
-        (FilesImage { files: self.files }, self.shared.blobs)
+    /// Describe the files in flight the kind of open file `id` just handed
+    /// over (`DumpShared::inflight`): open file descriptions that no
+    /// process holds, described as held by snap itself, so that one also
+    /// held by a process (or in flight twice) stays one description.
+    fn dump_inflight(&mut self, id: u32) -> Result<()> {
+        let fds = std::mem::take(&mut self.shared.inflight);
+        if fds.is_empty() {
+            return Ok(());
+        }
+        let me = Pid(std::process::id() as i32);
+        let mut ids = Vec::with_capacity(fds.len());
+        for f in fds {
+            let e = self.dump_one(me, RemoteFd(f.as_raw_fd()), f.as_fd())?;
+            if let FileKind::Epoll { .. } = self.files[e.file as usize].kind {
+                anyhow::bail!("an epoll instance in flight: not supported (its watches name descriptors of a process)");
+            }
+            ids.push(e.file);
+            self.inflight_held.push(f);
+        }
+        unix::resolve_inflight(&mut self.files[id as usize].kind, &ids)
+    }
+
+    /// The files image and the extra blobs to write next to it, once the
+    /// checks that need every process are done (pseudo-terminal pairs).
+    pub fn finish(mut self) -> Result<(FilesImage, Vec<(String, Vec<u8>)>)> {
+        let who: HashMap<u32, (Pid, RemoteFd)> =
+            self.index.values().flatten().map(|&(id, pid, fd)| (id, (pid, fd))).collect();
+        pty::check(&mut self.files, &who, &self.shared)?;
+        Ok((FilesImage { files: self.files }, self.shared.blobs))
     }
 }
 
@@ -257,16 +326,23 @@ pub fn restore_pos(fd: BorrowedFd<'_>, flags: u32, pos: u64) -> nix::Result<()> 
 pub struct RestoreCtx<'a> {
     pub read_blob: &'a dyn Fn(&str) -> Result<Vec<u8>>,
     pub shell_job: bool,
+    /// `restore --ext-unix-sk`: connect saved connections to outside
+    /// servers again.
+    pub ext_unix_sk: bool,
     /// Pipes and FIFOs already created, by blob key: held until every
     /// description of them is open.
     pub pipes: HashMap<String, pipe::Held>,
     /// Deleted files already recreated, by blob name (one inode per dumped
     /// inode, however many descriptions it had).
     pub deleted: HashMap<String, deleted::Held>,
-    /// Unix socketpair ends waiting for their description, by socket inode.
-    pub unix: unix::HeldMap,
+    /// Unix sockets made ahead of their descriptions.
+    pub unix: unix::Restoring,
     /// memfds already created, by blob name (one per dumped inode).
     pub memfds: HashMap<String, OwnedFd>,
+    /// POSIX message queues found or created, by queue inode at dump.
+    pub mqueues: HashMap<u64, mqueue::Held>,
+    /// Pseudo-terminal pairs, by saved pts number.
+    pub ptys: pty::Ptys,
 }
 
 /// Restore: recreate every open file description in our own process.
@@ -275,16 +351,29 @@ pub fn restore_files(
     files: &FilesImage,
     read_blob: &dyn Fn(&str) -> Result<Vec<u8>>,
     shell_job: bool,
+    ext_unix_sk: bool,
 ) -> Result<HashMap<u32, OwnedFd>> {
-    let mut ctx = RestoreCtx { read_blob, shell_job, pipes: HashMap::new(), deleted: HashMap::new(), unix: HashMap::new(), memfds: HashMap::new() };
+    let mut ctx = RestoreCtx {
+        read_blob,
+        shell_job,
+        ext_unix_sk,
+        pipes: HashMap::new(),
+        deleted: HashMap::new(),
+        unix: unix::Restoring::default(),
+        memfds: HashMap::new(),
+        mqueues: HashMap::new(),
+        ptys: pty::Ptys::new(files),
+    };
     let mut out = HashMap::with_capacity(files.files.len());
-    for of in &files.files {
-        let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
-        anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
+    // Unix sockets need an order among themselves (unix::restore_pass);
+    // for every other kind the order does not matter.
+    for pass in 0..3 {
+        for of in files.files.iter().filter(|f| unix::restore_pass(f) == pass) {
+            let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
+            anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
+        }
     }
-    if let Some(ino) = ctx.unix.keys().next() {
-        anyhow::bail!("files image has no description for Unix socket inode {ino}, the peer of a restored socket");
-    }
+    ctx.unix.finish(&out)?;
     // Dropping ctx closes the pipe ends no description of the image uses.
     Ok(out)
 }
@@ -302,7 +391,9 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Signalfd { .. } => signalfd::restore(of, ctx),
         FileKind::Epoll { .. } => epoll::restore(of, ctx),
         FileKind::Inotify { .. } => inotify::restore(of, ctx),
-        FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } => unix::restore(of, ctx),
+        FileKind::Mqueue { .. } => mqueue::restore(of, ctx),
+        FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } | FileKind::UnixLone { .. } => unix::restore(of, ctx),
+        FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => pty::restore(of, ctx),
     }
 }
 
@@ -335,5 +426,6 @@ mod tests {
 /// keys each watch by fd number) finish here. `fds` is the process's table.
 pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
     locks::after_fd_table(fds, files)?;
+    mqueue::after_fd_table(fds, files)?;
     epoll::add_watches(fds, files)
 }

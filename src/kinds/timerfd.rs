@@ -8,20 +8,27 @@
 //! - an absolute timer (`TFD_TIMER_ABSTIME`, with `TFD_TIMER_CANCEL_ON_SET`
 //!   if it had it) is armed at the same absolute time on its clock
 //!   (clock at dump + time left), so a deadline already passed fires at once;
-//! - unread expirations (`ticks` > 0): the kernel offers no way to set the
-//!   count (`timerfd_settime` clears it), so the timer is armed to expire
-//!   after 1 ns with its interval and snap waits until it has expired. The
-//!   restored descriptor is then readable, but a read returns 1 (plus the
-//!   intervals elapsed since), not the saved count: **a count above 1 is
-//!   lost**, and a periodic timer's phase restarts at the restore. A periodic
-//!   timer keeps firing at its interval in every case.
+//! - a periodic timer whose expiration was due at the dump (fdinfo shows a
+//!   passed time as 0) runs on from the restore: its next expiration is one
+//!   interval later, or at once if it had no unread expirations;
+//! - unread expirations (`ticks` > 0) are then set exactly with the
+//!   `TFD_IOC_SET_TICKS` ioctl (Linux with `CONFIG_CHECKPOINT_RESTORE`):
+//!   a read returns the saved count, plus, for a periodic timer, the
+//!   intervals that expire after the restore. Intervals a periodic timer had
+//!   passed at the dump but the kernel had not counted yet (it counts them
+//!   at the next read or `timerfd_gettime`) are not in fdinfo and are not
+//!   restored. Fallback when the ioctl is missing (`ENOTTY`, `EINVAL`): the
+//!   timer is armed to expire after 1 ns with its interval and snap waits
+//!   until it has; a read then returns 1 (plus the intervals elapsed since),
+//!   **a count above 1 is lost**, and a periodic timer's phase restarts.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{bail, ensure, Context, Result};
+use nix::errno::Errno;
 
 use super::eventfd::{fdinfo_text, field};
-use super::{DumpShared, Kind, Probe, RestoreCtx};
+use super::{sys, DumpShared, Kind, Probe, RestoreCtx};
 use crate::images::records::{FileKind, OpenFile};
 
 pub const KIND: Kind = Kind { name: "timerfd", dump };
@@ -105,19 +112,31 @@ pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     // SAFETY: r is a new descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(r) };
     let what = || format!("timerfd (clock {clockid})");
-    if ticks > 0 {
-        // Expire once now, so the descriptor is readable as it was.
-        settime(&fd, 0, 1, interval_ns).with_context(what)?;
-        let mut pfd = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
-        let n = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(5000u16)).with_context(what)?;
-        ensure!(n == 1, "{}: the 1 ns re-arm did not expire within 5 s", what());
-    } else if value_ns > 0 {
+    if value_ns > 0 {
         let abs = settime_flags & libc::TFD_TIMER_ABSTIME as u32 != 0;
         if abs {
             let flags = settime_flags as i32 & (libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET);
             settime(&fd, flags, abs_ns, interval_ns).with_context(what)?;
         } else {
             settime(&fd, 0, value_ns, interval_ns).with_context(what)?;
+        }
+    } else if interval_ns > 0 {
+        // Periodic and due at the dump: the unread count is set below.
+        let first = if ticks > 0 { interval_ns } else { 1 };
+        settime(&fd, 0, first, interval_ns).with_context(what)?;
+    }
+    if ticks > 0 {
+        match sys::timerfd_set_ticks(fd.as_fd(), ticks) {
+            Ok(()) => {}
+            Err(Errno::ENOTTY) | Err(Errno::EINVAL) => {
+                // No TFD_IOC_SET_TICKS: expire once now, so the descriptor is
+                // readable as it was (the count comes back as 1).
+                settime(&fd, 0, 1, interval_ns).with_context(what)?;
+                let mut pfd = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+                let n = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(5000u16)).with_context(what)?;
+                ensure!(n == 1, "{}: the 1 ns re-arm did not expire within 5 s", what());
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}: TFD_IOC_SET_TICKS {ticks}", what())),
         }
     }
     Ok(fd)

@@ -113,12 +113,13 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
         let i = map.partition_point(|x| x.0 < s);
         i < map.len() && map[i].0 < e
     };
+    sysv_attach(r, p, pool)?;
     let mut reprotect = Vec::new();
     for v in &p.vmas {
         let len = v.end - v.start;
         let mut prot = v.prot as u64;
         let (flags, fd, off) = match &v.kind {
-            VmaKind::Special { .. } | VmaKind::Vsyscall => continue,
+            VmaKind::Special { .. } | VmaKind::Vsyscall | VmaKind::SysvShm { .. } => continue,
             VmaKind::Anon => {
                 let mut f = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
                 if v.growsdown {
@@ -198,6 +199,72 @@ pub fn replace(r: &mut Remote, p: &ProcessImage, pool: &Pool, img: &ImageReader,
     r.write(auxv_addr, &aux_bytes)?;
     r.call(libc::SYS_prctl, [libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, pool.scratch(), st.len() as u64, 0, 0])
         .with_context(|| format!("pid {pid}: PR_SET_MM_MAP (brk {:#x}, exe {})", m.brk, p.exe))?;
+    Ok(())
+}
+
+/// Step 3a: SysV shm attachments (`ipc/sysv.rs` made the segments), one
+/// `shmat` per attachment (the saved VMAs of one segment at one base) at its
+/// address, before the other mappings: shmat maps the whole segment, so the
+/// parts the process had unmapped are unmapped again and protections changed
+/// with mprotect are put back. The kernel counts the attachment
+/// (`shm_nattch`) as it did for the original.
+fn sysv_attach(r: &mut Remote, p: &ProcessImage, pool: &Pool) -> Result<()> {
+    let pid = p.pid;
+    let ps = PAGE_SIZE as u64;
+    let mut groups: std::collections::BTreeMap<(i32, u64), Vec<&crate::images::records::Vma>> = Default::default();
+    for v in &p.vmas {
+        if let VmaKind::SysvShm { shmid, .. } = v.kind {
+            let base = v.start.checked_sub(v.pgoff).with_context(|| {
+                format!("pid {pid}: SysV segment {shmid} mapped at {:#x} with offset {:#x} (damaged image)", v.start, v.pgoff)
+            })?;
+            groups.entry((shmid, base)).or_default().push(v);
+        }
+    }
+    for ((shmid, base), vs) in groups {
+        let size = *pool
+            .sysv_sizes
+            .get(&shmid)
+            .with_context(|| format!("pid {pid}: SysV segment {shmid} attached at {base:#x} is not in ipc.json (damaged image)"))?;
+        let len = size.div_ceil(ps) * ps;
+        let rdonly = vs.iter().any(|v| matches!(v.kind, VmaKind::SysvShm { rdonly: true, .. }));
+        let exec = vs.iter().any(|v| v.prot & libc::PROT_EXEC as u32 != 0);
+        let mut flags = 0u64;
+        if rdonly {
+            flags |= libc::SHM_RDONLY as u64;
+        }
+        if exec {
+            flags |= crate::sys::ipc::SHM_EXEC as u64;
+        }
+        let got = r
+            .call(libc::SYS_shmat, [shmid as u64, base, flags, 0, 0, 0])
+            .with_context(|| format!("pid {pid}: attaching SysV segment {shmid} ({size} bytes) at {base:#x}"))?;
+        if got != base {
+            bail!("pid {pid}: SysV segment {shmid} attached at {got:#x} instead of {base:#x}");
+        }
+        let mut at = base;
+        for v in &vs {
+            if v.start > at {
+                r.call(libc::SYS_munmap, [at, v.start - at, 0, 0, 0, 0])
+                    .with_context(|| format!("pid {pid}: unmapping {at:#x}-{:#x} of SysV segment {shmid}", v.start))?;
+            }
+            at = at.max(v.end);
+        }
+        if at < base + len {
+            r.call(libc::SYS_munmap, [at, base + len - at, 0, 0, 0, 0])
+                .with_context(|| format!("pid {pid}: unmapping {at:#x}-{:#x} of SysV segment {shmid}", base + len))?;
+        }
+        let mut def = libc::PROT_READ as u32;
+        if !rdonly {
+            def |= libc::PROT_WRITE as u32;
+        }
+        if exec {
+            def |= libc::PROT_EXEC as u32;
+        }
+        for v in vs.iter().filter(|v| v.prot != def) {
+            r.call(libc::SYS_mprotect, [v.start, v.end - v.start, v.prot as u64, 0, 0, 0])
+                .with_context(|| format!("pid {pid}: mprotect {:#x} of SysV segment {shmid}", v.start))?;
+        }
+    }
     Ok(())
 }
 

@@ -4,11 +4,15 @@
 //! 1. Load and validate the image (before anything is created).
 //! 2. Wait for the saved PIDs to be free (a just-dumped tree's zombies are
 //!    reaped slowly here); fail naming a PID that stays taken.
+//! 2b. SysV IPC objects (`ipc/sysv.rs`): a new IPC namespace if the tree had
+//!    its own, every object made or reused with its saved id.
 //! 3. Build the pool: open file descriptions, mapped files, shared memory,
 //!    the control area — in snap, so every fork inherits them.
 //! 4. Fork the trees (`tree.rs`): parents before children, each with clone3
 //!    set_tid; each sets up its session, fds, cwd, limits, and waits.
 //! 5. Seize every process; process groups (leaders first, all exist now).
+//!    5b. SysV state whose last-user pid is a restored process, written
+//!    from inside that process.
 //! 6. Per process, remotely: address space (`memory.rs`), threads, signal
 //!    handlers and timers, per-thread state, pending signals, credentials
 //!    (last: they drop the privileges the earlier steps need), pool fds
@@ -258,13 +262,29 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
             img.inventory().pidns.as_ref().map(|n| format!(", dumped from {}", n.ns)).unwrap_or_default()
         );
     }
+    let ipc = crate::ipc::sysv::load(&img)?;
     // 2. PIDs (in a new pid namespace every PID is free).
     if !a.pidns {
         wait_pids_free(&plan)?;
     }
     crate::images::dir::timing("restore: image loaded, PIDs free");
+    // 2b. SysV IPC objects, before the trees are forked: a new IPC
+    //     namespace (joined by snap, so every fork is in it) where the
+    //     processes had their own, and every segment, semaphore set and
+    //     queue made (or reused) with its saved id, so that the processes
+    //     can attach the segments in stage 6. Removed again if the restore
+    //     fails (the guard in `Restored`).
+    let alive: std::collections::BTreeSet<i32> =
+        plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
+    let mut ipc = match ipc {
+        Some(l) => Some(crate::ipc::sysv::prepare(l, &img, &store, &alive)?),
+        None => None,
+    };
     // 3. Pool.
-    let mut pool = pool::build(&plan, &img, &store, a.shell_job)?;
+    let mut pool = pool::build(&plan, &img, &store, a.shell_job, a.ext_unix_sk)?;
+    if let Some(i) = &ipc {
+        pool.sysv_sizes = i.shm_sizes();
+    }
     // 4. Fork the trees.
     let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: !a.pidns };
     let live: Vec<i32> =
@@ -370,6 +390,30 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
             r.call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])
                 .with_context(|| format!("pid {}: joining process group {}", p.pid, p.pgid))?;
         }
+        // 5b. SysV state whose last-user pid should be a restored process,
+        //     written from inside it (needs every process seized, before
+        //     any loses its control area in stage 6).
+        if let Some(i) = &ipc {
+            i.from_inside(&host, pool.ctl, pool.scratch(), pool.scratch_len())?;
+        }
+        // Foreground groups of the restored controlling terminals, set by
+        // the session leader (only a member of the session may).
+        for (sid, fg) in crate::kinds::pty::foreground(&plan.files) {
+            let (Some(fd), Some(&h)) = (pool.ctty_fd(sid), host.get(&sid)) else {
+                bail!("pid {sid}: session leader with a pseudo-terminal, not restored alive");
+            };
+            if fg == 0 || fg == sid {
+                continue; // the leader's own group is the foreground already
+            }
+            if !live.iter().any(|p| plan.procs[p].pgid == fg) {
+                eprintln!("snap: warning: session {sid}: foreground process group {fg} has no process in the image; the leader's group stays in the foreground");
+                continue;
+            }
+            let mut r = remote::Remote { host: h, tid: Tid(h), ctl: pool.ctl };
+            r.write(pool.scratch(), &fg.to_ne_bytes())?;
+            r.call(libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP, pool.scratch(), 0, 0, 0])
+                .with_context(|| format!("pid {sid}: setting the foreground process group {fg} (TIOCSPGRP)"))?;
+        }
         // 6. Each process.
         for &pid in &live {
             let p = &plan.procs[&pid];
@@ -404,6 +448,11 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
             r.call_keep(libc::SYS_munmap, [pool.ctl, pool::CTL_MAPPED as u64, 0, 0, 0, 0])
                 .with_context(|| format!("pid {pid}: unmapping the control area"))?;
             task::final_regs(Tid(h), &p.threads[0])?;
+        }
+        // Segments removed while attached are removed again, now that the
+        // restored processes attach them.
+        if let Some(i) = ipc.take() {
+            i.finish()?;
         }
         Ok(())
     })();

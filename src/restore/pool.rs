@@ -31,7 +31,12 @@ pub struct Pool {
     files: HashMap<u32, RawFd>,
     maps: HashMap<(String, bool), RawFd>,
     shmem: HashMap<u64, RawFd>,
+    /// Session leader's pid -> a slave of the pseudo-terminal that is its
+    /// controlling terminal (TIOCSCTTY, TIOCSPGRP).
+    ctty: HashMap<i32, RawFd>,
     owned: Vec<OwnedFd>,
+    /// Sizes of the SysV segments (`ipc.json`), by id, for the attachments.
+    pub sysv_sizes: BTreeMap<i32, u64>,
 }
 
 impl Pool {
@@ -43,6 +48,10 @@ impl Pool {
     }
     pub fn shmem_fd(&self, id: u64) -> Option<RawFd> {
         self.shmem.get(&id).copied()
+    }
+    /// A slave of the controlling terminal of the session led by `sid`.
+    pub fn ctty_fd(&self, sid: i32) -> Option<RawFd> {
+        self.ctty.get(&sid).copied()
     }
     /// Scratch space inside the control area.
     pub fn scratch(&self) -> u64 {
@@ -104,7 +113,7 @@ fn pick_control_area(plan: &Plan) -> Result<u64> {
     bail!("no free 16 MiB area for the restore control page in the saved address spaces")
 }
 
-pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool) -> Result<Pool> {
+pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool, ext_unix_sk: bool) -> Result<Pool> {
     // Raise our descriptor limit: the pool sits above every saved fd.
     if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
@@ -121,12 +130,18 @@ pub fn build(plan: &Plan, img: &ImageReader, store: &ChainStore, shell_job: bool
         files: HashMap::new(),
         maps: HashMap::new(),
         shmem: HashMap::new(),
+        ctty: HashMap::new(),
         owned: Vec::new(),
+        sysv_sizes: BTreeMap::new(),
     };
 
-    let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job)?;
+    let files = crate::kinds::restore_files(&plan.files, &|name| img.read_bytes(name), shell_job, ext_unix_sk)?;
     crate::kinds::locks::prepare(plan.procs.values());
     let memfds = crate::kinds::memfd::by_inode(&plan.files, &files);
+    for (sid, fd) in crate::kinds::pty::ctty_fds(&plan.files, &files)? {
+        let n = pool.adopt(fd)?;
+        pool.ctty.insert(sid, n);
+    }
     for (id, fd) in files {
         let n = pool.adopt(fd)?;
         pool.files.insert(id, n);

@@ -116,6 +116,11 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
     }
     if p.sid == p.pid {
         nix::unistd::setsid().with_context(|| format!("pid {pid}: setsid"))?;
+        // Its controlling terminal, before the children: they inherit it.
+        if let Some(fd) = pool.ctty_fd(pid) {
+            crate::kinds::sys::ioctl_arg(crate::sys::borrow_fd(fd), libc::TIOCSCTTY, 0)
+                .with_context(|| format!("pid {pid}: taking its pseudo-terminal back as controlling terminal (TIOCSCTTY)"))?;
+        }
     }
     let my_sid = nix::unistd::getsid(None).map(|s| s.as_raw()).unwrap_or(0);
     for &c in &p.children {

@@ -1,5 +1,6 @@
 //! Thin system-call wrappers: the only place besides the parasite with `unsafe`.
 pub mod clone;
+pub mod ipc;
 pub mod probe;
 pub mod process;
 pub mod ptrace;

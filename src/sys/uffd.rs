@@ -27,6 +27,7 @@ pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// `PAGEMAP_SCAN` page categories.
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
@@ -75,8 +76,13 @@ pub fn write_protect(uffd: BorrowedFd<'_>, start: u64, end: u64) -> io::Result<(
 /// its categories masked by `ret`. With `PM_SCAN_WP_MATCHING` in `flags` the
 /// matching pages are write-protected again in the same walk.
 pub fn scan(pagemap: BorrowedFd<'_>, start: u64, end: u64, flags: u64, all: u64, any: u64, ret: u64) -> Result<Vec<(u64, u64, u64)>> {
+    scan_raw(pagemap, start, end, flags, all, any, ret).with_context(|| format!("PAGEMAP_SCAN {start:#x}-{end:#x}"))
+}
+
+/// [`scan`], with the kernel's error as is (ENOTTY: no `PAGEMAP_SCAN`).
+pub fn scan_raw(pagemap: BorrowedFd<'_>, start: u64, end: u64, flags: u64, all: u64, any: u64, ret: u64) -> io::Result<Vec<(u64, u64, u64)>> {
     let mut out: Vec<(u64, u64, u64)> = Vec::new();
-    let mut regions = vec![[0u64; 3]; 4096]; // struct page_region { start, end, categories }
+    let mut regions = vec![[0u64; 3]; 1024]; // struct page_region { start, end, categories }
     let mut from = start;
     while from < end {
         // struct pm_scan_arg (12 u64 words)
@@ -87,7 +93,7 @@ pub fn scan(pagemap: BorrowedFd<'_>, start: u64, end: u64, flags: u64, all: u64,
         // into `regions` and walk_end into `arg`; both live across the call.
         let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg.as_mut_ptr()) };
         if n < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("PAGEMAP_SCAN {from:#x}-{end:#x}"));
+            return Err(io::Error::last_os_error());
         }
         for r in &regions[..n as usize] {
             match out.last_mut() {

@@ -1,0 +1,2 @@
+//! Inter-process communication objects that belong to no descriptor.
+pub mod sysv;
