@@ -258,6 +258,62 @@ fn scheduled_checkpoints_are_pruned_and_listed() {
     drop(g);
 }
 
+/// SigBlk and SigIgn of `pid` (hex masks from /proc/PID/status).
+fn blocked_ignored(pid: i32) -> (String, String) {
+    (status_field(pid, "SigBlk").unwrap_or_default(), status_field(pid, "SigIgn").unwrap_or_default())
+}
+
+/// Wait until `pid` runs `exe` (it exec'd), then check that it blocks and
+/// ignores no signal.
+fn assert_clean_signals(pid: i32, exe: &str, what: &str) {
+    wait_for(&format!("{what} (pid {pid}) to run {exe}"), secs(30), || {
+        fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().contains(exe).then_some(())
+    });
+    let (blk, ign) = blocked_ignored(pid);
+    assert_eq!(u64::from_str_radix(&blk, 16), Ok(0), "{what} (pid {pid}) starts with signals blocked: SigBlk {blk}");
+    assert_eq!(u64::from_str_radix(&ign, 16), Ok(0), "{what} (pid {pid}) starts with signals ignored: SigIgn {ign}");
+}
+
+/// Programs started by a supervisor (detached or foreground) or by `snap
+/// join` do not inherit the supervisor's blocked signals (its signalfd's)
+/// nor ignored ones (glibc's 32 and 33 after a posix_spawn): what a
+/// checkpoint saves is the program's own signal state.
+#[test]
+fn programs_start_with_default_signals() {
+    let test = "programs_start_with_default_signals";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-sig");
+    let r = Reaper::new();
+    let name = unique("sig");
+    let root = t.join("imgs");
+    let (g, v) = start_group(&name, &root, &[], &["sleep", "1000"]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    // The supervisor does block its signals: the test means something.
+    let sup_blk = u64::from_str_radix(&blocked_ignored(g.supervisor).0, 16).unwrap();
+    assert_ne!(sup_blk & (1 << (libc::SIGTERM - 1)), 0, "the supervisor does not block SIGTERM (SigBlk {sup_blk:x})");
+    assert_clean_signals(program, "sleep", "program of snap run -d");
+    let joined = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--", "sleep", "1000"]), &t.join("join.log"));
+    assert_clean_signals(joined, "sleep", "program of snap join");
+    assert!(cgroup_members(&cgroup_of(&name)).contains(&joined));
+    drop(g);
+
+    // A foreground supervisor (snap run without -d).
+    let fg = unique("sigfg");
+    let sup = spawn(
+        &r,
+        Command::new(snap_bin()).args(["run", "--name", &fg, "--images-root", &root.to_string_lossy(), "--", "sleep", "1000"]),
+        &t.join("fg.log"),
+    );
+    let g2 = GroupGuard { name: fg.clone(), supervisor: sup };
+    let prog = wait_for("the foreground group's program", secs(30), || ps_group(&fg)?["program_pid"].as_i64()) as i32;
+    assert_clean_signals(prog, "sleep", "program of snap run");
+    drop(g2);
+    drop(r);
+}
+
 // ------------------------------------------------------------------ (b)
 
 /// `snap dump --group` checkpoints on demand, incrementally against the
@@ -452,6 +508,144 @@ fn stopped_group_restores_from_last_checkpoint() {
         let nums = numbers(f);
         let after = &nums[len..];
         assert!(after[0] > before && after[0] <= nums[len - 1] + 1, "{what}: restored counter starts at {} (before checkpoint {before}, at kill {})", after[0], nums[len - 1]);
+        assert_consecutive(after, &format!("{what} counter after restore"));
+    }
+    drop(g);
+    drop(r);
+}
+
+// ------------------------------------------------------------------ (d2)
+
+/// The pid namespace `pid` is in (/proc/PID/ns/pid).
+fn pid_ns(pid: i32) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/pid")).map(|l| l.display().to_string()).unwrap_or_default()
+}
+
+/// `pid`'s pid in its innermost pid namespace (last field of NSpid).
+fn ns_pid(pid: i32) -> Option<i32> {
+    status_field(pid, "NSpid")?.split_whitespace().last()?.parse().ok()
+}
+
+/// The first line of `p` as a number, once it is there.
+fn first_number(p: &Path) -> i32 {
+    wait_for(&format!("a pid in {}", p.display()), secs(30), || read_opt(p)?.lines().next()?.trim().parse().ok())
+}
+
+/// `snap run --pidns`: the program runs under the group's init (pid 1 of
+/// a new pid namespace) with a low pid and the namespace's /proc; `snap
+/// join` puts a second program into the same namespace; a checkpoint
+/// records the namespace's pids, and after the group is stopped `snap
+/// restore --pidns` brings back the init, the program and the joined
+/// program with those pids in one new namespace, their counters going on
+/// from the checkpoint.
+#[test]
+fn pidns_group_restores_with_namespace_pids() {
+    let test = "pidns_group_restores_with_namespace_pids";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-pidns");
+    let r = Reaper::new();
+    let name = unique("pidns");
+    let root = t.join("imgs");
+    let (fa, fb, ida, idb) = (t.join("a"), t.join("b"), t.join("a.id"), t.join("b.id"));
+    // The pid bash sees for itself, then what its /proc says of it.
+    let script = format!(
+        "echo $$ > {id}; grep NSpid /proc/$$/status >> {id}; {counter}",
+        id = ida.display(),
+        counter = counter_script(&fa)
+    );
+    let (g, v) = start_group(&name, &root, &["--pidns"], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    let init = v["pidns_init"].as_i64().expect("pidns_init in the report") as i32;
+    assert_eq!(ppid(init), Some(g.supervisor), "the init's parent is not the supervisor");
+    assert_eq!(ppid(program), Some(init), "the program's parent is not the namespace's init");
+    assert_eq!(ns_pid(init), Some(1), "the init is not pid 1 in its namespace");
+    let ns = pid_ns(init);
+    assert_ne!(ns, pid_ns(std::process::id() as i32), "the group runs in our own pid namespace");
+    assert_eq!(pid_ns(program), ns);
+    wait_counter_past(&fa, 0, 5, secs(30));
+    let a_pid = first_number(&ida);
+    assert_eq!(Some(a_pid), ns_pid(program), "bash's $$ is not its pid in the namespace");
+    assert!(a_pid < 10, "bash sees itself as pid {a_pid}, not a low pid of a new namespace");
+    // Its /proc is the namespace's: one level of NSpid, the same pid.
+    let proc_line = read_opt(&ida).unwrap().lines().nth(1).unwrap_or_default().to_string();
+    assert_eq!(proc_line.split_whitespace().collect::<Vec<_>>(), ["NSpid:", &a_pid.to_string()], "/proc inside the group is not the namespace's");
+    let cg = cgroup_of(&name);
+    assert!(cgroup_members(&cg).contains(&init) && cgroup_members(&cg).contains(&program));
+
+    // A second program joins: our grandchild, through snap join, in the
+    // same namespace and cgroup.
+    let py_script = format!(
+        "import os\nopen({:?}, 'w').write('%d\\n' % os.getpid())\n{}",
+        idb.display().to_string(),
+        py_counter(&fb)
+    );
+    let jsnap = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(&py_script), &t.join("join.log"));
+    wait_counter_past(&fb, 0, 5, secs(30));
+    let joined = wait_for("the joined program, child of snap join", secs(30), || {
+        descendants(jsnap).into_iter().find(|&c| fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python")))
+    });
+    assert_eq!(ppid(joined), Some(jsnap), "the joined program's parent is not snap join");
+    assert_eq!(pid_ns(joined), ns, "the joined program is not in the group's pid namespace");
+    let b_pid = first_number(&idb);
+    assert_eq!(Some(b_pid), ns_pid(joined), "python's os.getpid() is not its pid in the namespace");
+    assert!(cgroup_members(&cg).contains(&joined), "joined pid {joined} not in {}", cg.display());
+    assert!(!cgroup_members(&cg).contains(&jsnap), "snap join itself moved into the group's cgroup");
+
+    // A checkpoint in the namespace's pids.
+    let (a0, b0) = (last_number(&fa).unwrap(), last_number(&fb).unwrap());
+    let d = t.join("ckpt");
+    let s = group_dump(&name, Some(&d));
+    let inv: Value = serde_json::from_slice(&fs::read(d.join("inventory.json")).unwrap()).unwrap();
+    let pids: Vec<i64> = inv["pids"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+    for want in [1, a_pid as i64, b_pid as i64] {
+        assert!(pids.contains(&want), "namespace pid {want} not in the image's pids {pids:?}");
+    }
+    assert_eq!(inv["roots"], serde_json::json!([1, b_pid]), "roots: the init, then the joined program: {inv}");
+    assert_eq!(inv["pidns"]["host_pids"]["1"], init, "{inv}");
+    assert_eq!(inv["pidns"]["host_pids"][a_pid.to_string()], program, "{inv}");
+    assert_eq!(s["pids"], inv["pids"], "{s}");
+    wait_counter_past(&fa, a0, 10, secs(30));
+    wait_counter_past(&fb, b0, 10, secs(30));
+
+    // Stop the group: init, program and joined program are gone.
+    let members = cgroup_members(&cg);
+    assert!(kill(g.supervisor, libc::SIGTERM));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(30)), 128 + libc::SIGTERM);
+    wait_gone(&members, secs(20)).expect("members still there after the supervisor's SIGTERM cleanup");
+    wait_for("snap join to end with its program", secs(30), || try_reap(jsnap));
+    let (la, lb) = (numbers(&fa).len(), numbers(&fb).len());
+    let (ka, kb) = (last_number(&fa).unwrap(), last_number(&fb).unwrap());
+
+    // Without --pidns the image is refused, naming the way.
+    let dd = d.to_string_lossy().to_string();
+    let no = snap(&["restore", "-D", &dd, "-d"]);
+    assert!(!no.ok() && no.stderr.contains("--pidns"), "{}", no.describe());
+
+    let res = snap(&["restore", "--pidns", "-D", &dd, "-d", "--json"]);
+    let out: Value = serde_json::from_str(res.stdout.trim()).unwrap_or_else(|e| panic!("restore --json: {e}: {}", res.describe()));
+    let host = |n: i32| out["host_pids"][n.to_string()].as_i64().unwrap_or_else(|| panic!("pid {n} not restored: {out}")) as i32;
+    let (h1, ha, hb) = (host(1), host(a_pid), host(b_pid));
+    r.add_all(&[h1, ha, hb]);
+    assert!(res.ok(), "snap restore --pidns failed: {}", res.describe());
+    let new_ns = pid_ns(h1);
+    assert_ne!(new_ns, pid_ns(std::process::id() as i32));
+    for (h, n, what) in [(h1, 1, "init"), (ha, a_pid, "bash"), (hb, b_pid, "python")] {
+        assert!(alive(h) && proc_state(h) != Some('Z'), "{what} (host pid {h}) not running after restore");
+        assert_eq!(ns_pid(h), Some(n), "{what}: not pid {n} in its namespace after restore");
+        assert_eq!(pid_ns(h), new_ns, "{what}: not in the restored namespace");
+    }
+    assert_eq!(ppid(ha), Some(h1), "bash's parent is not the restored init");
+    assert!(fs::read_link(format!("/proc/{h1}/exe")).unwrap().starts_with(&root), "the init does not run from its copy in the images root");
+    wait_counter_past(&fa, ka, 10, secs(30));
+    wait_counter_past(&fb, kb, 10, secs(30));
+    for (f, len, before, what) in [(&fa, la, a0, "bash"), (&fb, lb, b0, "python")] {
+        let nums = numbers(f);
+        let after = &nums[len..];
+        assert!(after[0] > before && after[0] <= nums[len - 1] + 1, "{what}: restored counter starts at {} (before checkpoint {before}, at stop {})", after[0], nums[len - 1]);
         assert_consecutive(after, &format!("{what} counter after restore"));
     }
     drop(g);

@@ -58,6 +58,15 @@ pub enum Cmd {
     /// Internal: the detached supervisor of `snap run -d` (its arguments as JSON).
     #[command(name = "__supervise", hide = true)]
     Supervise { spec: String },
+    /// Internal: pid 1 of a `snap run --pidns` group's pid namespace.
+    #[command(name = "__pidns-init", hide = true)]
+    PidnsInit {
+        /// Where to report the program's pid (or why it did not start).
+        #[arg(long)]
+        report_fd: i32,
+        #[arg(last = true, required = true)]
+        program: Vec<String>,
+    },
 }
 
 /// `snap run`: see docs/groups.md.
@@ -86,6 +95,12 @@ pub struct RunArgs {
     /// With -d: print what was started as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Run the group in a pid namespace of its own, under a small init
+    /// (pid 1 there); its checkpoints restore with `snap restore --pidns`
+    /// with the namespace's pids, whatever runs on the host.
+    #[arg(long)]
+    #[serde(default)]
+    pub pidns: bool,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     pub program: Vec<String>,
@@ -266,5 +281,6 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Join { name, program } => crate::group::join(&name, &program),
         Cmd::Ps { json } => crate::group::ps(json),
         Cmd::Supervise { spec } => crate::group::supervise_detached(&spec),
+        Cmd::PidnsInit { report_fd, program } => crate::group::init::main(report_fd, &program),
     }
 }

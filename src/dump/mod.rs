@@ -11,6 +11,7 @@
 //! thread: the processes continue untouched.
 
 pub mod mm;
+pub mod pidns;
 pub mod proc;
 pub mod seize;
 pub mod threads;
@@ -179,6 +180,11 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_ext_unix_sk(a.ext_unix_sk);
     fctx.set_dumped(&seized.pids);
+    // A whole pid namespace (its init included) is recorded with the
+    // namespace's pids; everything else with host pids.
+    let ns = pidns::NsPids::detect(&seized.pids, &seized.threads)?;
+    // The pid a process has in the image.
+    let image_pid = |p: Pid| -> Pid { Pid(ns.as_ref().and_then(|n| n.pid(p.0)).unwrap_or(p.0)) };
     let mut shmem: ShmemPages = BTreeMap::new();
     let mut total_pages: u64 = 0;
     let mut xsave_mask = 0u64;
@@ -188,9 +194,13 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
 
     for &pid in &seized.pids.clone() {
         let mut p = proc::read_process(pid).with_context(|| format!("dumping {pid}"))?;
+        let ipid = image_pid(pid);
         if seized.zombies.contains(&pid) {
             p.state = ProcState::Zombie { wait_status: zombie_status(&p) };
-            w.write_json(&format!("proc-{}.json", pid.0), &p)?;
+            if let Some(n) = &ns {
+                n.process(&mut p)?;
+            }
+            w.write_json(&format!("proc-{}.json", ipid.0), &p)?;
             continue;
         }
         p.stopped = seized.stopped.contains(&pid);
@@ -217,7 +227,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         // pages tracking says are unchanged since (asked before the parasite
         // writes anything into the process).
         // The same process (pid and start time) in the parent.
-        let prev = parent_procs.remove(&pid).filter(|(pp, _)| pp.start_time == p.start_time && p.start_time != 0);
+        let prev = parent_procs.remove(&ipid).filter(|(pp, _)| pp.start_time == p.start_time && p.start_time != 0);
         let mut trk = held.as_mut().and_then(|h| h.procs.remove(&pid)).filter(|t| t.start_time == p.start_time);
         if prev.as_ref().is_some_and(|(pp, _)| pp.mm.auxv != p.mm.auxv) {
             // exec'd since: a new address space the old uffd knows nothing of.
@@ -345,12 +355,17 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         counts.read += (bytes / PAGE_SIZE) as u64;
         total_pages += counts.reused - before.2;
         counts.per_process.push(serde_json::json!({
-            "pid": pid.0,
+            "pid": ipid.0,
             "memory": if dirt.is_some() { "tracked" } else if prev.is_some() { "hashed" } else { "full" },
             "pages_present": counts.present - before.0,
             "pages_read": counts.read - before.1,
             "pages_reused": counts.reused - before.2,
         }));
+        if ns.is_some() {
+            if let Some(last) = counts.per_process.last_mut() {
+                last["host_pid"] = pid.0.into();
+            }
+        }
         if let Some(b) = track_backend {
             match track::arm(pid, &mut par, &p.vmas, b, p.start_time, trk.take(), dirt.as_ref().map(|d| &d.covered[..])) {
                 Ok(t) => {
@@ -362,6 +377,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         crate::images::dir::timing("dump: tracking armed");
         par.cure().with_context(|| format!("{pid}: removing the parasite"))?;
         crate::images::dir::timing("dump: parasite out");
+        if let Some(n) = &ns {
+            n.process(&mut p)?;
+        }
         let done = ProcDone { p, map, inherit, staged, stage_from };
         if done.staged.is_empty() {
             done.write(&mut w, &staging)?;
@@ -371,13 +389,22 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     }
 
     // SysV objects, while every process is still stopped.
-    crate::ipc::sysv::dump(&seized.pids, &sysv_maps, &mut w)?;
+    // In a whole-namespace image, a last user outside the namespace is 0
+    // (none), as the namespace would see it.
+    let ipc_pid = |h: i32| match &ns {
+        Some(n) => Some(n.pid(h).unwrap_or(0)),
+        None => Some(h),
+    };
+    crate::ipc::sysv::dump(&seized.pids, &sysv_maps, &mut w, &ipc_pid)?;
     for (id, obj) in &shmem {
         let v: Vec<(u64, PageHash)> = obj.iter().map(|(&o, &h)| (o, h)).collect();
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
     fctx.check_done()?;
-    let (files, blobs) = fctx.finish()?;
+    let (mut files, blobs) = fctx.finish()?;
+    if let Some(n) = &ns {
+        n.files(&mut files)?;
+    }
     w.write_json("files.json", &files)?;
     for (name, data) in blobs {
         w.write_bytes(&name, &data)?;
@@ -410,8 +437,8 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        roots: roots.iter().map(|p| p.0).collect(),
-        pids: seized.pids.iter().map(|p| p.0).collect(),
+        roots: roots.iter().map(|&p| image_pid(p).0).collect(),
+        pids: seized.pids.iter().map(|&p| image_pid(p).0).collect(),
         features,
         memory_bytes: total_pages * PAGE_SIZE as u64,
         id: id.clone(),
@@ -426,8 +453,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             holder: Some(track::holder::socket_path(&t.generation).display().to_string()),
             generation: t.generation.clone(),
         }),
+        pidns: ns.as_ref().map(|n| n.info()),
     };
-    let pids: Vec<i32> = seized.pids.iter().map(|p| p.0).collect();
+    let pids: Vec<i32> = seized.pids.iter().map(|&p| image_pid(p).0).collect();
     if a.leave_running {
         // Everything is read: the processes go on while the image is
         // finished (a failure from here on leaves them running anyway).
@@ -467,6 +495,12 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
         "stopped_seconds": stopped_for.as_secs_f64(),
         "left_running": a.leave_running,
     });
+    let mut summary = summary;
+    if let Some(n) = &ns {
+        // "pids" are the image's (the namespace's); these say which host
+        // process each one was.
+        summary["pidns"] = serde_json::to_value(n.info()).unwrap_or_default();
+    }
     Ok(DumpOutcome { summary, tracking })
 }
 

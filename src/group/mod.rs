@@ -7,7 +7,9 @@
 //! tracking between checkpoints so that each one reads only the pages
 //! written since the last. The group's members are the processes in its
 //! cgroup; `snap join` adds one by moving itself into the cgroup and
-//! exec'ing. Each supervisor listens on a unix socket in its state
+//! exec'ing. With `--pidns` the group also has a pid namespace, whose
+//! pid 1 is snap's small init (`init.rs`), and `snap join` forks the
+//! program inside it (docs/groups.md, "Pid namespace"). Each supervisor listens on a unix socket in its state
 //! directory (`proto.rs`); `snap ps`, `snap dump --group` and `snap join`
 //! talk to it there.
 //!
@@ -21,6 +23,7 @@
 //!   checkpoints refer to the log by path.
 
 pub mod cgroup;
+pub mod init;
 pub mod proto;
 pub mod supervisor;
 
@@ -61,6 +64,9 @@ pub struct Info {
     pub socket: PathBuf,
     pub program: Vec<String>,
     pub program_pid: i32,
+    /// With --pidns: the namespace's init (host pid).
+    #[serde(default)]
+    pub pidns_init: Option<i32>,
     pub started_unix: u64,
 }
 
@@ -237,12 +243,98 @@ pub fn join(name: &str, program: &[String]) -> Result<i32> {
         cg.display(),
         expected.display()
     );
+    // glibc's own signals first: see below.
+    for sig in crate::sys::process::LIBC_INTERNAL_SIGNALS {
+        crate::sys::process::default_disposition(sig)
+            .with_context(|| format!("group {name}: resetting signal {sig} before exec"))?;
+    }
+    if let Some(init) = v["pidns_init"].as_i64() {
+        return join_pidns(name, &cg, init as i32, prog, args);
+    }
     let procs = cg.join("cgroup.procs");
     std::fs::write(&procs, "0")
         .with_context(|| format!("group {name}: moving pid {} into {}", std::process::id(), procs.display()))?;
+    // The caller's blocked and ignored signals are the program's, as with
+    // any exec (`nohup snap join …` keeps SIGHUP ignored), except glibc's
+    // own 32 and 33 (reset above), which are ignored only because a glibc
+    // posix_spawn started some ancestor.
     use std::os::unix::process::CommandExt;
     let e = Command::new(prog).args(args).exec();
     Err(e).with_context(|| format!("group {name}: executing {prog} in the group (pid {})", std::process::id()))
+}
+
+/// `snap join` of a `--pidns` group: enter the namespace of its init (pid
+/// and mount: the group's /proc), then fork the program there, moved into
+/// the cgroup before it execs. A process cannot enter a pid namespace
+/// itself, only its children do, so the program is our child (`nsenter`
+/// works the same way): we wait for it, pass on the signals sent to us, and
+/// exit with its status. In the namespace its parent is outside (getppid()
+/// is 0), as a program joined to a plain group has its parent outside the
+/// group; checkpoints have it as a root of its own.
+fn join_pidns(name: &str, cg: &Path, init: i32, prog: &str, args: &[String]) -> Result<i32> {
+    use std::os::fd::AsRawFd;
+    use nix::sched::{setns, CloneFlags};
+    // Everything about the init through one directory descriptor: if the
+    // pid is reused meanwhile, reads through it fail instead of describing
+    // another process.
+    let dir = std::fs::File::open(format!("/proc/{init}")).with_context(|| format!("group {name}: its init, pid {init}, is gone"))?;
+    let at = |f: &str| format!("/proc/self/fd/{}/{f}", dir.as_raw_fd());
+    let members = cgroup::members_at(cg).with_context(|| format!("group {name}: members"))?;
+    let status = std::fs::read_to_string(at("status")).with_context(|| format!("group {name}: its init, pid {init}, is gone"))?;
+    let nspid: Vec<&str> =
+        status.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| v.split_whitespace().collect()).unwrap_or_default();
+    ensure!(
+        members.contains(&crate::types::Pid(init)) && nspid.len() >= 2 && nspid.last() == Some(&"1"),
+        "group {name}: pid {init} is not the init of the group's pid namespace (NSpid {nspid:?}); refusing to join"
+    );
+    let pidns = std::fs::File::open(at("ns/pid")).with_context(|| format!("group {name}: opening {}", at("ns/pid")))?;
+    let mntns = std::fs::File::open(at("ns/mnt")).with_context(|| format!("group {name}: opening {}", at("ns/mnt")))?;
+    let cwd = std::env::current_dir().context("our working directory")?;
+    setns(&pidns, CloneFlags::CLONE_NEWPID).with_context(|| format!("group {name}: entering the pid namespace of pid {init}"))?;
+    setns(&mntns, CloneFlags::CLONE_NEWNS).with_context(|| format!("group {name}: entering the mount namespace of pid {init}"))?;
+    // Entering a mount namespace moves us to its root.
+    std::env::set_current_dir(&cwd)
+        .with_context(|| format!("group {name}: working directory {} in the group's mount namespace", cwd.display()))?;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.join("cgroup.procs"))
+        .with_context(|| format!("group {name}: opening {}", cg.join("cgroup.procs").display()))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    let opts = crate::sys::process::SpawnOpts::default();
+    let child = crate::sys::process::spawn_in_cgroup(&mut cmd, std::os::fd::AsFd::as_fd(&procs), opts)
+        .with_context(|| format!("group {name}: executing {prog} in the group's pid namespace"))?;
+    drop(procs);
+    Ok(wait_forwarding(child.id() as i32))
+}
+
+/// Wait for our child `pid` and return its status (128+N if signal N
+/// killed it), passing on to it the signals a process sends us (HUP, INT,
+/// QUIT, TERM, USR1, USR2). A terminal's signals are not passed on: the
+/// child, in our process group, has its own.
+fn wait_forwarding(pid: i32) -> i32 {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD] {
+        set.add(s);
+    }
+    let _ = set.thread_block();
+    let child = nix::unistd::Pid::from_raw(pid);
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Err(nix::errno::Errno::ECHILD) => return 1,
+            _ => {}
+        }
+        // The timeout bounds a missed SIGCHLD (it came before the block).
+        if let Ok(Some(info)) = crate::sys::process::sigtimedwait(&set, Some(Duration::from_secs(1))) {
+            if info.si_signo != libc::SIGCHLD && info.si_code <= 0 {
+                let _ = crate::sys::process::kill_raw(pid, info.si_signo);
+            }
+        }
+    }
 }
 
 /// `snap ps [--json]`: every group under /run/snap/groups, as its
@@ -333,6 +425,9 @@ fn print_group(g: &serde_json::Value) {
                 g["interval_ms"].as_u64().map_or("-".into(), |m| format!("{m}ms")),
                 s("cgroup"),
             );
+            if let Some(init) = g["pidns_init"].as_i64() {
+                println!("  own pid namespace, init {init} (host pids below)");
+            }
             println!("  {:>7} {:>7}  COMM", "PID", "PPID");
             for m in g["members"].as_array().into_iter().flatten() {
                 println!("  {:>7} {:>7}  {}", m["pid"], m["ppid"], m["comm"].as_str().unwrap_or("?"));

@@ -43,6 +43,7 @@ use super::cgroup::GroupCgroup;
 use super::proto::{self, Request};
 use super::{Info, INFO_NAME, SOCKET_NAME, STATE_ROOT};
 use crate::cli::{DumpArgs, RunArgs};
+use crate::sys::process::SpawnOpts;
 use crate::track::TrackSet;
 use crate::types::Pid;
 
@@ -81,7 +82,10 @@ pub struct Status {
     pub keep: u64,
     pub program: Vec<String>,
     pub program_pid: i32,
+    /// With --pidns: the namespace's init (host pid), our child.
+    pub pidns_init: Option<i32>,
     /// The program's exit status once it ended (other members may remain).
+    /// With --pidns: once the init ended, with the program's status.
     pub program_exit: Option<i32>,
     pub started_unix: u64,
     /// Checkpoints taken successfully.
@@ -282,7 +286,8 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
 
     // Signals arrive through a signalfd, read by the main thread only: the
     // mask is set before any thread starts so that every thread inherits it
-    // (the program does not: std resets the mask before exec).
+    // (the program does not: spawn_in_cgroup unblocks every signal and puts
+    // every disposition back to default before exec).
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
         mask.add(s);
@@ -294,20 +299,22 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
 
     let log = (mode == Mode::Detached).then(|| images_root.join("output.log"));
-    let mut cmd = std::process::Command::new(&a.program[0]);
-    cmd.args(&a.program[1..]);
-    if let Some(l) = &log {
-        let f = open_append(l).with_context(|| format!("group {name}: program log"))?;
-        let f2 = f.try_clone().context("duplicating the log descriptor")?;
-        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
-    }
-    let procs = cg.procs_for_writing()?;
-    let child = crate::sys::process::spawn_in_cgroup(&mut cmd, procs.as_fd(), mode == Mode::Detached)
-        .with_context(|| format!("group {name}: starting {:?} in cgroup {}", a.program[0], cg.path().display()))?;
-    drop(procs);
-    let program = Pid(child.id() as i32);
-    // Reaped with waitpid(-1) by the main loop, not through this handle.
-    drop(child);
+    let opts = SpawnOpts { new_session: mode == Mode::Detached, default_signals: true, keep_fd: None };
+    // `child`: our child (the program, or with --pidns the namespace's
+    // init); `program`: the program itself.
+    let (child, program) = if a.pidns {
+        start_in_pidns(&name, &a.program, &cg, opts, log.as_deref(), &images_root)?
+    } else {
+        let mut cmd = std::process::Command::new(&a.program[0]);
+        cmd.args(&a.program[1..]);
+        program_stdio(&mut cmd, log.as_deref()).with_context(|| format!("group {name}: program log"))?;
+        let procs = cg.procs_for_writing()?;
+        let c = crate::sys::process::spawn_in_cgroup(&mut cmd, procs.as_fd(), opts)
+            .with_context(|| format!("group {name}: starting {:?} in cgroup {}", a.program[0], cg.path().display()))?;
+        // Reaped with waitpid(-1) by the main loop, not through this handle.
+        (Pid(c.id() as i32), Pid(c.id() as i32))
+    };
+    let pidns_init = a.pidns.then_some(child.0);
 
     let me = std::process::id() as i32;
     let started = super::now_unix();
@@ -320,6 +327,7 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
         socket: sock_path.clone(),
         program: a.program.clone(),
         program_pid: program.0,
+        pidns_init,
         started_unix: started,
     };
     write_info(&state.path, &info).with_context(|| format!("group {name}"))?;
@@ -333,6 +341,7 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
         keep: a.keep,
         program: a.program.clone(),
         program_pid: program.0,
+        pidns_init,
         program_exit: None,
         started_unix: started,
         checkpoints: 0,
@@ -363,7 +372,7 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
         images_root,
         keep: a.keep,
         interval: a.checkpoint_every,
-        program,
+        child,
         program_status: None,
         held: None,
         last: None,
@@ -381,6 +390,90 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
     Ok(code)
 }
 
+/// The program's stdio: with -d, stdin from /dev/null, stdout and stderr
+/// appended to the log; else ours.
+fn program_stdio(cmd: &mut std::process::Command, log: Option<&Path>) -> Result<()> {
+    if let Some(l) = log {
+        let f = open_append(l)?;
+        let f2 = f.try_clone().context("duplicating the log descriptor")?;
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+    }
+    Ok(())
+}
+
+/// `--pidns`: start `snap __pidns-init -- PROGRAM…` as pid 1 of a new pid
+/// namespace, in the cgroup, and wait for its report (`init.rs`). Returns
+/// the init and the program, as host pids.
+fn start_in_pidns(
+    name: &str,
+    program: &[String],
+    cg: &GroupCgroup,
+    opts: SpawnOpts,
+    log: Option<&Path>,
+    images_root: &Path,
+) -> Result<(Pid, Pid)> {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let exe = init_binary(images_root).with_context(|| format!("group {name}: the init's binary"))?;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the init's report")?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("__pidns-init").arg("--report-fd").arg(wr.as_raw_fd().to_string()).arg("--").args(program);
+    program_stdio(&mut cmd, log).with_context(|| format!("group {name}: program log"))?;
+    let procs = cg.procs_for_writing()?;
+    let opts = SpawnOpts { keep_fd: Some(wr.as_raw_fd()), ..opts };
+    let init = crate::sys::process::in_new_pidns(|| crate::sys::process::spawn_in_cgroup(&mut cmd, procs.as_fd(), opts))
+        .with_context(|| format!("group {name}: a new pid namespace"))?
+        .with_context(|| format!("group {name}: starting the namespace's init ({}) in cgroup {}", exe.display(), cg.path().display()))?;
+    let init = Pid(init.id() as i32);
+    drop(wr);
+    // One line (or EOF: the init died).
+    let mut report = String::new();
+    std::io::BufReader::new(std::fs::File::from(rd))
+        .read_line(&mut report)
+        .with_context(|| format!("group {name}: reading the init's report"))?;
+    let report = report.trim();
+    let ns_pid: i32 = match report.split_once(' ') {
+        Some(("ok", n)) => n.parse().with_context(|| format!("group {name}: the init reported {report:?}"))?,
+        Some(("error", e)) => anyhow::bail!("group {name}: starting {:?} in its pid namespace: {e}", program[0]),
+        _ => anyhow::bail!("group {name}: the namespace's init (pid {init}) ended without starting {:?} ({report:?})", program[0]),
+    };
+    // The program as the host sees it: the init's child with that pid there.
+    let children = fs::read_to_string(format!("/proc/{}/task/{}/children", init.0, init.0)).unwrap_or_default();
+    let host = children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .find(|&c| {
+            fs::read_to_string(format!("/proc/{c}/status"))
+                .ok()
+                .and_then(|s| s.lines().find_map(|l| l.strip_prefix("NSpid:")).and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok()))
+                == Some(ns_pid)
+        })
+        .with_context(|| format!("group {name}: the program (pid {ns_pid} in its namespace) is not a child of the init {init} any more"))?;
+    Ok((init, Pid(host)))
+}
+
+/// The binary the namespace's init runs: a copy of snap's own, kept in the
+/// images root under a name made of its content (`pidns-init-<xxh3>`).
+/// Checkpoints map the init's executable by path and refuse a file that
+/// changed since the dump; run from snap's own path, a rebuilt or upgraded
+/// snap would make every checkpoint of the group unrestorable. A copy, not
+/// a hard link: installing a new snap with `cp` rewrites the old inode in
+/// place. Prune leaves it alone (it removes image directories only).
+fn init_binary(images_root: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    // The very file we run, even if its path was replaced since.
+    let bytes = fs::read("/proc/self/exe").context("reading /proc/self/exe")?;
+    let path = images_root.join(format!("pidns-init-{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)));
+    if fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(path);
+    }
+    let tmp = images_root.join(format!(".pidns-init-{}.tmp", std::process::id()));
+    fs::write(&tmp, &bytes).with_context(|| format!("copying snap's binary to {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(path)
+}
+
 /// `-d`: the report `snap run -d` waits for, then stdio to the log (which
 /// closes the pipes, so `snap run -d` sees EOF and returns).
 fn report_and_detach(info: &Info, images_root: &Path) -> Result<()> {
@@ -388,6 +481,7 @@ fn report_and_detach(info: &Info, images_root: &Path) -> Result<()> {
         "name": info.name,
         "supervisor_pid": info.supervisor_pid,
         "program_pid": info.program_pid,
+        "pidns_init": info.pidns_init,
         "cgroup": info.cgroup,
         "state_dir": super::state_dir(&info.name),
         "socket": info.socket,
@@ -456,7 +550,9 @@ struct Supervisor {
     images_root: PathBuf,
     keep: u64,
     interval: Option<Duration>,
-    program: Pid,
+    /// Our child: the program, or with --pidns the namespace's init (which
+    /// exits with the program's status).
+    child: Pid,
     program_status: Option<i32>,
     /// The tracking armed by the last checkpoint, for the next.
     held: Option<TrackSet>,
@@ -473,7 +569,7 @@ impl Supervisor {
 
     fn reap(&mut self) {
         for (pid, st) in reap() {
-            if pid == self.program.0 {
+            if pid == self.child.0 {
                 self.program_status = Some(st);
                 self.status().program_exit = Some(st);
             }
@@ -484,7 +580,7 @@ impl Supervisor {
     /// cgroup instead) until the program, our child, can be reaped.
     fn wait_program(&mut self) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        if let Ok(pfd) = crate::sys::pidfd_open(self.program) {
+        if let Ok(pfd) = crate::sys::pidfd_open(self.child) {
             // Readable once the program has exited and can be reaped.
             let mut fds = [PollFd::new(pfd.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(5000u16));
@@ -619,7 +715,7 @@ impl Supervisor {
         let was_frozen = frozen.is_some();
         let members = self.cg.members()?;
         ensure!(!members.is_empty(), "group {name}: no process left in cgroup {}", self.cg.path().display());
-        let roots = roots_of(&members, self.program);
+        let roots = roots_of(&members, self.child);
         let args = DumpArgs {
             tree: roots.clone(),
             dir: dir.to_path_buf(),

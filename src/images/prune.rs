@@ -814,6 +814,7 @@ mod tests {
             parent_id: pr.map(|p| p.inventory().id.clone()),
             memory_backend: if parent.is_some() { "uffd-wp" } else { "full" }.into(),
             tracking: None,
+            pidns: None,
         })
         .unwrap();
         dir

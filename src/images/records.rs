@@ -55,6 +55,23 @@ pub struct Inventory {
     /// Dirty tracking armed by this dump for the next one, if any.
     #[serde(default)]
     pub tracking: Option<Tracking>,
+    /// Set when the image is a whole pid namespace (its init included):
+    /// every pid and tid of the image is then the namespace's, and restore
+    /// needs `--pidns`, where the saved pid 1 becomes the new namespace's
+    /// init (`dump/pidns.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pidns: Option<PidNsInfo>,
+}
+
+/// The pid namespace an image was dumped from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PidNsInfo {
+    /// The namespace as /proc/PID/ns/pid named it (`pid:[4026532…]`).
+    pub ns: String,
+    /// Each process's pid in the namespace (in decimal: JSON keys are
+    /// strings) -> its pid on the dumping host, for information (nothing at
+    /// restore depends on it).
+    pub host_pids: std::collections::BTreeMap<String, i32>,
 }
 
 /// Where the next incremental dump finds the dirty tracking this dump armed.

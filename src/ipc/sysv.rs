@@ -135,7 +135,15 @@ impl Drop for InNamespace {
 /// `SysvShm` ones tell which segments it attaches and where to read them).
 /// Nothing is written when the processes share snap's namespace and use no
 /// object.
-pub fn dump(pids: &[Pid], vmas: &[(Pid, Vec<Vma>)], w: &mut ImageWriter) -> Result<()> {
+/// `image_pid`: a pid as the image records it (for a whole-namespace image,
+/// the namespace's: `dump/pidns.rs`), `None` to keep it; last-operation
+/// pids go through it.
+pub fn dump(
+    pids: &[Pid],
+    vmas: &[(Pid, Vec<Vma>)],
+    w: &mut ImageWriter,
+    image_pid: &dyn Fn(i32) -> Option<i32>,
+) -> Result<()> {
     let mine = ns_id("/proc/thread-self/ns/ipc")?;
     let mut ns: Option<(Pid, (u64, u64))> = None;
     for &p in pids {
@@ -213,6 +221,19 @@ pub fn dump(pids: &[Pid], vmas: &[(Pid, Vec<Vma>)], w: &mut ImageWriter) -> Resu
     }
     if !own && img.shm.is_empty() && img.sem.is_empty() && img.msg.is_empty() {
         return Ok(());
+    }
+    // Last users in the image's numbering.
+    let map = |p: &mut i32| {
+        if let Some(n) = image_pid(*p) {
+            *p = n;
+        }
+    };
+    for set in &mut img.sem {
+        set.pids.iter_mut().for_each(map);
+    }
+    for q in &mut img.msg {
+        map(&mut q.lspid);
+        map(&mut q.lrpid);
     }
     for (seg, map) in img.shm.iter().zip(&maps) {
         w.write_pagemap(&seg.pagemap, map)?;

@@ -41,6 +41,12 @@ pub struct Plan {
     pub procs: BTreeMap<i32, ProcessImage>,
     pub files: FilesImage,
     pub roots: Vec<i32>,
+    /// `--pidns` with an image that holds pid 1: the saved init is the new
+    /// namespace's init, and makes its private /proc (`tree::setup`).
+    pub own_init: bool,
+    /// Then, for the other roots: the init's mount namespace, which they
+    /// join (`tree::spawn`) so that they see the namespace's /proc too.
+    pub init_mnt: Option<std::os::fd::RawFd>,
 }
 
 /// Kills every process this restore created unless disarmed: a plan PID
@@ -101,7 +107,7 @@ fn load(img: &ImageReader) -> Result<Plan> {
         }
     }
     let files: FilesImage = img.read_json("files.json")?;
-    Ok(Plan { procs, files, roots: inv.roots.clone() })
+    Ok(Plan { procs, files, roots: inv.roots.clone(), own_init: false, init_mnt: None })
 }
 
 fn current_pgid(pid: i32) -> Option<i32> {
@@ -197,7 +203,16 @@ impl Drop for NsGuard {
     fn drop(&mut self) {
         if let Some(p) = self.0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(nix::unistd::Pid::from_raw(p), None);
+            // Reap every child, not only the init: a dying init waits until
+            // every process of its namespace is reaped, and the other roots
+            // of a namespace image are our children.
+            loop {
+                match waitpid(None, None) {
+                    Ok(st) if st.pid() == Some(nix::unistd::Pid::from_raw(p)) => break,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
         }
     }
 }
@@ -239,8 +254,14 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     // 1. Load and validate.
     crate::images::dir::timing("restore: start");
     let img = ImageReader::open(&a.dir)?;
-    let plan = load(&img)?;
+    let mut plan = load(&img)?;
     let store = img.pages()?;
+    if plan.procs.contains_key(&1) && !a.pidns {
+        bail!(
+            "the image is a whole pid namespace (it holds that namespace's init, pid 1{}): restore it with --pidns",
+            img.inventory().pidns.as_ref().map(|n| format!(", dumped from {}", n.ns)).unwrap_or_default()
+        );
+    }
     let ipc = crate::ipc::sysv::load(&img)?;
     // 2. PIDs (in a new pid namespace every PID is free).
     if !a.pidns {
@@ -270,10 +291,38 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
     let mut middle = None;
     let mut ns_init = NsGuard(None);
-    if a.pidns {
-        if plan.procs.contains_key(&1) {
-            bail!("the image holds a pid 1 (a namespace's init): restoring it as the init of a new namespace is not supported yet");
+    // Processes that reported ready before the last roots were forked.
+    let mut ready_early = 0;
+    if a.pidns && plan.procs.contains_key(&1) {
+        // The image is a whole namespace: the saved pid 1, forked first
+        // into the new namespace, is its init; the other roots (programs
+        // whose parent was outside the namespace) are forked after it by
+        // snap, also into the namespace, and join the mount namespace the
+        // init makes for its /proc. Every root is a child of snap, as each
+        // was a child of something outside the namespace.
+        if !plan.roots.contains(&1) {
+            bail!("pid 1 is in the image but not among its roots (damaged image)");
         }
+        plan.own_init = true;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
+        let init = tree::spawn(&plan, &pool, 1).context("pid 1: forking the namespace's init")?;
+        ns_init.0 = Some(init);
+        let others: Vec<i32> = plan.roots.iter().copied().filter(|&r| r != 1).collect();
+        if !others.is_empty() {
+            // The init's mount namespace exists once its tree is ready.
+            let n = tree::live_in_tree(&plan, 1);
+            wait_ready(&pool, n).context("waiting for the namespace's init")?;
+            ready_early = n;
+            let path = format!("/proc/{init}/ns/mnt");
+            let mnt = std::fs::File::open(&path).with_context(|| format!("pid 1 (host pid {init}): opening {path}"))?;
+            plan.init_mnt = Some(std::os::fd::AsRawFd::as_raw_fd(&mnt));
+            for r in others {
+                tree::spawn(&plan, &pool, r)?;
+            }
+            plan.init_mnt = None;
+            drop(mnt);
+        }
+    } else if a.pidns {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
         let m = crate::sys::clone::fork_with_pid(0).context("forking the namespace init")?;
         if m == 0 {
@@ -304,7 +353,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     }
     crate::images::dir::timing("restore: trees forked");
     pool.close_ready_writer();
-    let ready = wait_ready(&pool, live.len());
+    let ready = wait_ready(&pool, live.len() - ready_early);
     if let Some(m) = middle {
         let _ = waitpid(nix::unistd::Pid::from_raw(m), None);
     }
@@ -448,25 +497,35 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     // Stay the parent of the roots (or of the namespace init, which exits
     // with the first root's status); exit with the first root's status.
     let waited: Vec<i32> = match init {
-        Some(i) => vec![i],
+        Some(i) if !plan.own_init => vec![i],
+        // The saved init first (it is a root), by the pids snap sees.
+        Some(_) => {
+            let mut r: Vec<i32> = plan.roots.iter().filter_map(|r| host.get(r).copied()).collect();
+            r.sort_by_key(|&h| Some(&h) != host.get(&1));
+            r
+        }
         None => plan.roots.clone(),
     };
+    // Any child, in whatever order they end: the init of a namespace
+    // image cannot finish exiting while another root, a zombie in its
+    // namespace, waits for us to reap it.
+    let mut left: Vec<i32> = waited.clone();
     let mut code = 0;
-    for (i, &r) in waited.iter().enumerate() {
-        let st = loop {
-            match waitpid(nix::unistd::Pid::from_raw(r), None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other,
-            }
+    while !left.is_empty() {
+        let st = match waitpid(None, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(st) => st,
         };
-        let c = match st {
-            Ok(WaitStatus::Exited(_, c)) => c,
-            Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
-            _ => 0,
+        let (p, c) = match st {
+            WaitStatus::Exited(p, c) => (p.as_raw(), c),
+            WaitStatus::Signaled(p, s, _) => (p.as_raw(), 128 + s as i32),
+            _ => continue,
         };
-        if i == 0 {
+        if waited.first() == Some(&p) {
             code = c;
         }
+        left.retain(|&x| x != p);
     }
     Ok(code)
 }

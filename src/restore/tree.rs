@@ -48,6 +48,15 @@ pub fn spawn(plan: &Plan, pool: &Pool, pid: i32) -> Result<i32> {
         return Ok(child);
     }
     // In the child from here on: never return.
+    if let Some(fd) = plan.init_mnt {
+        // A root of a namespace whose init is restored: into the init's
+        // mount namespace, with the namespace's /proc (cwd and root are
+        // set again in `setup`).
+        if let Err(e) = nix::sched::setns(crate::sys::borrow_fd(fd), nix::sched::CloneFlags::CLONE_NEWNS) {
+            report(pool.ready_w, &encode(pid, 1, &format!("pid {pid}: joining the namespace init's mount namespace: {e}")));
+            crate::sys::process::exit_now(1);
+        }
+    }
     let code = match &p.state {
         ProcState::Zombie { wait_status } => become_zombie(*wait_status),
         ProcState::Alive => match setup(plan, pool, p) {
@@ -100,6 +109,11 @@ fn wait_forever(fd: RawFd) {
 /// per-process attributes, fd table last (it may replace our stdio).
 fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
     let pid = p.pid;
+    if plan.own_init && pid == 1 {
+        // The namespace's init: a /proc of the namespace, for it and
+        // everything forked below it (the other roots join it later).
+        private_proc().context("pid 1: setting up /proc for the new pid namespace")?;
+    }
     if p.sid == p.pid {
         nix::unistd::setsid().with_context(|| format!("pid {pid}: setsid"))?;
         // Its controlling terminal, before the children: they inherit it.
@@ -157,6 +171,21 @@ fn setup(plan: &Plan, pool: &Pool, p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
+/// How many live processes the tree under `pid` (included) has: the ready
+/// records to wait for once it is forked.
+pub fn live_in_tree(plan: &Plan, pid: i32) -> usize {
+    // Iterative, each pid once: a damaged image may hold a cycle.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![pid];
+    let mut n = 0;
+    while let Some(q) = todo.pop() {
+        let Some(p) = plan.procs.get(&q).filter(|_| seen.insert(q)) else { continue };
+        n += usize::from(matches!(p.state, ProcState::Alive));
+        todo.extend(&p.children);
+    }
+    n
+}
+
 /// The init of a new pid namespace (`--pidns`): a private mount namespace
 /// with its own /proc (so restored programs see their own PIDs there too),
 /// the roots as its children, then it reaps until the namespace is empty
@@ -201,7 +230,9 @@ pub fn ns_init(plan: &Plan, pool: &Pool) -> ! {
     crate::sys::process::exit_now(code)
 }
 
-fn private_proc() -> Result<()> {
+/// A mount namespace of our own (private, so nothing propagates back to
+/// the host) with a /proc of our pid namespace.
+pub fn private_proc() -> Result<()> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
