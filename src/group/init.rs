@@ -26,7 +26,6 @@
 //! `EINTR`, which the loop takes as a wake-up.
 
 use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -64,10 +63,7 @@ fn start(program: &[String]) -> Result<i32> {
     SigSet::all().thread_block().context("blocking signals")?;
     let mut cmd = Command::new(prog);
     cmd.args(args);
-    // SAFETY: reset_signals makes only async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(crate::sys::process::reset_signals);
-    }
+    crate::sys::process::reset_signals_at_exec(&mut cmd);
     let child = cmd.spawn().with_context(|| format!("executing {prog}"))?;
     Ok(child.id() as i32)
 }

@@ -20,7 +20,7 @@
 //! fired stays disabled, as it was.
 
 use std::collections::HashSet;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -64,30 +64,6 @@ pub fn parse_watches(text: &str) -> Result<Vec<EpollWatch>> {
     Ok(out)
 }
 
-#[repr(C)]
-struct KcmpEpollSlot {
-    efd: u32,
-    tfd: u32,
-    toff: u32,
-}
-
-/// Is fd `tfd` of `pid` the file watched as `tfd` by epoll `efd` of `pid`?
-/// (kcmp(KCMP_EPOLL_TFD)). Err(errno) when `tfd` is not open.
-fn watch_matches(pid: i32, efd: i32, tfd: i32) -> std::io::Result<bool> {
-    const SYS_KCMP: libc::c_long = 312;
-    const KCMP_EPOLL_TFD: libc::c_long = 7;
-    let slot = KcmpEpollSlot { efd: efd as u32, tfd: tfd as u32, toff: 0 };
-    // SAFETY: the last argument points to `slot`, a valid kcmp_epoll_slot
-    // for the whole call; the rest are integers.
-    let r = unsafe {
-        libc::syscall(SYS_KCMP, pid as libc::c_long, pid as libc::c_long, KCMP_EPOLL_TFD, tfd as libc::c_long, &slot as *const KcmpEpollSlot)
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r == 0)
-}
-
 fn dump_inner(p: &Probe) -> Result<FileKind> {
     let text = fdinfo_text(p)?;
     let watches = parse_watches(&text)?;
@@ -99,7 +75,7 @@ fn dump_inner(p: &Probe) -> Result<FileKind> {
              such a watch cannot be restored",
             w.tfd
         );
-        let why = match watch_matches(p.pid.0, p.fd.0, w.tfd) {
+        let why = match super::sys::kcmp_epoll_tfd(p.pid.0, p.fd.0, w.tfd) {
             Ok(true) => continue,
             Ok(false) => "the process's fd now refers to another file".to_string(),
             Err(e) if e.raw_os_error() == Some(libc::EBADF) => "the process has closed that fd".to_string(),
@@ -118,13 +94,7 @@ fn dump_inner(p: &Probe) -> Result<FileKind> {
 /// An empty epoll instance; the watches are added by the owner process.
 pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     let FileKind::Epoll { .. } = &of.kind else { bail!("not an epoll") };
-    // SAFETY: integer argument; returns a new descriptor or -1.
-    let r = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("epoll_create1");
-    }
-    // SAFETY: r is a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    super::sys::epoll_create().context("epoll_create1")
 }
 
 /// Inside a restored process, fd table in place: add the watches of every
@@ -140,11 +110,8 @@ pub fn add_watches(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
             continue;
         }
         for w in watches {
-            let mut ev = libc::epoll_event { events: w.events, u64: w.data };
-            // SAFETY: `ev` is a valid epoll_event for the whole call.
-            let r = unsafe { libc::epoll_ctl(e.fd, libc::EPOLL_CTL_ADD, w.tfd, &mut ev) };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| {
+            if let Err(err) = super::sys::epoll_add(e.fd, w.tfd, w.events, w.data) {
+                return Err(err).with_context(|| {
                     format!("epoll fd {}: epoll_ctl(ADD, fd {}, events {:#x}, data {:#x})", e.fd, w.tfd, w.events, w.data)
                 });
             }

@@ -7,7 +7,7 @@
 //! one write takes up to 0xffff_ffff_ffff_fffe). `O_NONBLOCK` is an ordinary
 //! status flag, kept in `OpenFile::flags`.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 
@@ -54,13 +54,7 @@ pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     if of.flags & libc::O_NONBLOCK as u32 != 0 {
         fl |= libc::EFD_NONBLOCK;
     }
-    // SAFETY: eventfd takes integers only and returns a new descriptor.
-    let r = unsafe { libc::eventfd(0, fl) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("eventfd");
-    }
-    // SAFETY: r is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    let fd = super::sys::eventfd(fl).context("eventfd")?;
     if *count > 0 {
         nix::unistd::write(&fd, &count.to_ne_bytes())
             .with_context(|| format!("eventfd: setting the counter to {count}"))?;

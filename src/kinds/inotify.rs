@@ -55,7 +55,7 @@
 //! namespace.
 
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -306,19 +306,8 @@ fn mount_of(sdev: u64) -> Result<String> {
 fn resolve(r: &Raw) -> Result<(String, OwnedFd)> {
     let mnt = mount_of(r.sdev)?;
     let m = std::fs::File::open(&mnt).with_context(|| format!("opening mount {mnt}"))?;
-    // struct file_handle { u32 handle_bytes; int handle_type; u8 f_handle[]; }
-    let mut fh = Vec::with_capacity(8 + r.handle.len());
-    fh.extend_from_slice(&(r.handle.len() as u32).to_ne_bytes());
-    fh.extend_from_slice(&r.htype.to_ne_bytes());
-    fh.extend_from_slice(&r.handle);
-    // SAFETY: `fh` is a complete file_handle (header + handle_bytes bytes),
-    // alive for the call; the call returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, m.as_raw_fd(), fh.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("open_by_handle_at on {mnt}"));
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = super::sys::open_by_handle_at(m.as_fd(), r.htype, &r.handle, libc::O_PATH | libc::O_CLOEXEC)
+        .with_context(|| format!("open_by_handle_at on {mnt}"))?;
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).context("fstat")?;
     ensure!(st.st_ino == r.ino, "the handle opened inode {}, the watch is on {}", st.st_ino, r.ino);
     let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).context("readlink")?;
@@ -387,23 +376,12 @@ fn dump_inner(p: &Probe) -> Result<FileKind> {
 
 fn add(fd: BorrowedFd<'_>, path: &str, mask: u32) -> std::io::Result<i32> {
     let c = std::ffi::CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `c` is a NUL-terminated string alive for the call.
-    let r = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r)
+    super::sys::inotify_add_watch(fd, &c, mask)
 }
 
 pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     let FileKind::Inotify { watches, events } = &of.kind else { bail!("not an inotify") };
-    // SAFETY: integer argument; returns a new descriptor or -1.
-    let r = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("inotify_init1");
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    let fd = super::sys::inotify_init(libc::IN_CLOEXEC | libc::IN_NONBLOCK).context("inotify_init1")?;
     let scratch = std::env::temp_dir().join(format!(".snap-inotify-{}", std::process::id()));
     let mut made_scratch = false;
     let mut next = 1;
@@ -416,8 +394,7 @@ pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
                     made_scratch = true;
                 }
                 let got = add(fd.as_fd(), &scratch.to_string_lossy(), libc::IN_ATTRIB).context("skipping a wd")?;
-                // SAFETY: integers only.
-                unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), got) };
+                let _ = super::sys::inotify_rm_watch(fd.as_fd(), got);
                 next = got + 1;
             }
             let got = add(fd.as_fd(), &w.path, w.mask).with_context(|| format!("inotify_add_watch({}, {:#x})", w.path, w.mask))?;

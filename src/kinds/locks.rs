@@ -388,26 +388,18 @@ fn restore_locks(fds: &[FdEntry], locks: &[FileLock]) -> Result<()> {
         let r = match l.kind {
             FileLockKind::Flock => {
                 let op = if l.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
-                // SAFETY: plain system call on a descriptor number.
-                unsafe { libc::flock(l.fd, op) }
+                super::sys::flock(l.fd, op)
             }
             FileLockKind::Posix | FileLockKind::Ofd => {
-                // SAFETY: zeroed flock is a valid value.
-                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-                fl.l_type = if l.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
-                fl.l_whence = libc::SEEK_SET as i16;
-                fl.l_start = l.start as i64;
-                fl.l_len = match l.end {
+                let len = match l.end {
                     Some(e) => (e - l.start + 1) as i64,
                     None => 0,
                 };
                 let cmd = if l.kind == FileLockKind::Ofd { libc::F_OFD_SETLK } else { libc::F_SETLK };
-                // SAFETY: fcntl with a pointer to a live flock.
-                unsafe { libc::fcntl(l.fd, cmd, &mut fl as *mut libc::flock) }
+                super::sys::fcntl_setlk(l.fd, cmd, l.write, l.start as i64, len)
             }
         };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = r {
             if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
                 bail!("{}: the file is locked by another process now", what());
             }

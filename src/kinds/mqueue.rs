@@ -357,8 +357,8 @@ pub fn after_fd_table(fds: &[FdEntry], files: &FilesImage) -> Result<()> {
         }
         let what = || format!("fd {}: mq_notify registration on queue {name}", f.fd);
         close_inherited_copies(fds, f.fd).with_context(what)?;
-        // SAFETY: f.fd is a descriptor of this process's table, open for the call.
-        let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
+        // f.fd is a descriptor of this process's table, open for the call.
+        let fd = crate::sys::borrow_fd(f.fd);
         sys::mq_notify(fd, n.sigev_notify, n.signo).with_context(what)?;
     }
     Ok(())

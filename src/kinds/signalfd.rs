@@ -3,7 +3,7 @@
 //! process, not to the signalfd, and are restored with the process; the
 //! restored signalfd reads them as the original would.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 
@@ -33,14 +33,5 @@ pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     if of.flags & libc::O_NONBLOCK as u32 != 0 {
         fl |= libc::SFD_NONBLOCK;
     }
-    // The kernel's mask is 8 bytes: pass it as such (sigset_t is larger,
-    // and glibc's signalfd() passes _NSIG/8 = 8 as well).
-    // SAFETY: the pointer is to `sigmask`, 8 readable bytes, for the whole
-    // call; the call returns a new descriptor or -1.
-    let r = unsafe { libc::syscall(libc::SYS_signalfd4, -1, sigmask as *const u64, 8usize, fl) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("signalfd(mask {sigmask:#x})"));
-    }
-    // SAFETY: r is a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    super::sys::signalfd(*sigmask, fl).with_context(|| format!("signalfd(mask {sigmask:#x})"))
 }

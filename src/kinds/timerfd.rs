@@ -22,7 +22,7 @@
 //!   until it has; a read then returns 1 (plus the intervals elapsed since),
 //!   **a count above 1 is lost**, and a periodic timer's phase restarts.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{bail, ensure, Context, Result};
 use nix::errno::Errno;
@@ -56,12 +56,7 @@ fn parse_ts(v: &str) -> Result<u64> {
 }
 
 fn clock_now(clockid: i32) -> Result<u64> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for the whole call.
-    let r = unsafe { libc::clock_gettime(clockid, &mut ts) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("clock_gettime({clockid})"));
-    }
+    let ts = super::sys::clock_now(clockid).with_context(|| format!("clock_gettime({clockid})"))?;
     Ok(ts.tv_sec as u64 * NS + ts.tv_nsec as u64)
 }
 
@@ -87,13 +82,8 @@ fn ts(ns: u64) -> libc::timespec {
 
 fn settime(fd: &OwnedFd, flags: i32, value: u64, interval: u64) -> Result<()> {
     let its = libc::itimerspec { it_interval: ts(interval), it_value: ts(value) };
-    // SAFETY: `its` is valid for the call; the old-value pointer is NULL.
-    let r = unsafe { libc::timerfd_settime(fd.as_raw_fd(), flags, &its, std::ptr::null_mut()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("timerfd_settime(flags {flags:#o}, value {value} ns, interval {interval} ns)"));
-    }
-    Ok(())
+    super::sys::timerfd_settime(fd.as_fd(), flags, &its)
+        .with_context(|| format!("timerfd_settime(flags {flags:#o}, value {value} ns, interval {interval} ns)"))
 }
 
 pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
@@ -104,13 +94,7 @@ pub fn restore(of: &OpenFile, _: &mut RestoreCtx) -> Result<OwnedFd> {
     if of.flags & libc::O_NONBLOCK as u32 != 0 {
         fl |= libc::TFD_NONBLOCK;
     }
-    // SAFETY: integers only; returns a new descriptor or -1.
-    let r = unsafe { libc::timerfd_create(clockid, fl) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("timerfd_create(clock {clockid})"));
-    }
-    // SAFETY: r is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    let fd = super::sys::timerfd_create(clockid, fl).with_context(|| format!("timerfd_create(clock {clockid})"))?;
     let what = || format!("timerfd (clock {clockid})");
     if value_ns > 0 {
         let abs = settime_flags & libc::TFD_TIMER_ABSTIME as u32 != 0;

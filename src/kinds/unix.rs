@@ -61,10 +61,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{socket, socketpair, AddressFamily, SockFlag, SockType};
 
+use super::sys;
 use super::unix_diag::{self as diag, read_opts, set_opts, UnixDiag, TCP_ESTABLISHED, TCP_LISTEN};
 use super::unix_named::{self as named, show};
 use super::unix_queue::{self as queue, files_of, take_files, Queue};
@@ -82,7 +82,7 @@ fn dump(p: &Probe, sh: &mut DumpShared) -> Option<Result<FileKind>> {
     if p.file_type() != libc::S_IFSOCK {
         return None;
     }
-    match diag::get_int(p.ours, libc::SOL_SOCKET, libc::SO_DOMAIN) {
+    match sys::get_int(p.ours, libc::SOL_SOCKET, libc::SO_DOMAIN) {
         Ok(libc::AF_UNIX) => {}
         _ => return None,
     }
@@ -477,8 +477,7 @@ fn shutdown(fd: BorrowedFd<'_>, bits: u32) -> Result<()> {
         2 => libc::SHUT_WR,
         _ => libc::SHUT_RDWR,
     };
-    // SAFETY: shutdown(2) with integer arguments on a valid socket.
-    Errno::result(unsafe { libc::shutdown(fd.as_raw_fd(), how) }).with_context(|| format!("shutdown({how})"))?;
+    sys::shutdown(fd, how).with_context(|| format!("shutdown({how})"))?;
     Ok(())
 }
 
@@ -495,7 +494,7 @@ fn bind_real(fd: BorrowedFd<'_>, name: &str, file: Option<&SockFile>) -> Result<
             Err(e) => return Err(e).with_context(|| format!("stat {name}")),
         }
     }
-    diag::bind(fd, &named::raw(name)).with_context(|| format!("bind to {name}"))?;
+    sys::bind(fd, &named::raw(name)).with_context(|| format!("bind to {name}"))?;
     if let (false, Some(f)) = (name.starts_with('@'), file) {
         fs::set_permissions(name, fs::Permissions::from_mode(f.mode)).with_context(|| format!("chmod {:o} {name}", f.mode))?;
         std::os::unix::fs::lchown(name, Some(f.uid), Some(f.gid)).with_context(|| format!("chown {}:{} {name}", f.uid, f.gid))?;
@@ -607,9 +606,9 @@ fn restore_ext(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     let fd = socket(AddressFamily::Unix, sock_type(*t)?, SockFlag::SOCK_CLOEXEC, None).with_context(|| format!("{what}: socket"))?;
     if !name.is_empty() {
         ensure!(name.starts_with('@'), "{what}: bound to a path: not supported");
-        diag::bind(fd.as_fd(), &named::raw(name)).with_context(|| format!("{what}: bind to {name}"))?;
+        sys::bind(fd.as_fd(), &named::raw(name)).with_context(|| format!("{what}: bind to {name}"))?;
     }
-    diag::connect(fd.as_fd(), &named::raw(peer_name)).with_context(|| format!("{what}: connecting to {peer_name} (is the server running?)"))?;
+    sys::connect(fd.as_fd(), &named::raw(peer_name)).with_context(|| format!("{what}: connecting to {peer_name} (is the server running?)"))?;
     ctx.unix.settle(what.clone(), &fd, opts, *sd)?;
     set_flags(fd.as_fd(), of.flags).with_context(|| what.clone())?;
     Ok(fd)
@@ -641,19 +640,19 @@ fn restore_listen(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
     let bl = i32::try_from(*backlog).unwrap_or(i32::MAX);
     // Room for the waiting connections first, then the saved backlog.
     let room = bl.max(pending.len() as i32);
-    diag::listen(fd.as_fd(), room).with_context(|| format!("{what}: listen({room})"))?;
+    sys::listen(fd.as_fd(), room).with_context(|| format!("{what}: listen({room})"))?;
     for c in pending {
         let cw = format!("{what}: client inode {} waiting in its backlog", c.ino);
         let s = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None).with_context(|| format!("{cw}: socket"))?;
         if !c.name.is_empty() {
             ensure!(c.name.starts_with('@'), "{cw}: bound to a path: not supported");
-            diag::bind(s.as_fd(), &named::raw(&c.name)).with_context(|| format!("{cw}: bind to {}", c.name))?;
+            sys::bind(s.as_fd(), &named::raw(&c.name)).with_context(|| format!("{cw}: bind to {}", c.name))?;
         }
-        diag::connect(s.as_fd(), &named::raw(name)).with_context(|| format!("{cw}: connect"))?;
+        sys::connect(s.as_fd(), &named::raw(name)).with_context(|| format!("{cw}: connect"))?;
         ensure!(ctx.unix.pending.insert(c.ino, s).is_none(), "{cw}: listed twice");
     }
     if room != bl {
-        diag::listen(fd.as_fd(), bl).with_context(|| format!("{what}: listen({bl})"))?;
+        sys::listen(fd.as_fd(), bl).with_context(|| format!("{what}: listen({bl})"))?;
     }
     set_flags(fd.as_fd(), of.flags).with_context(|| what.clone())?;
     Ok(fd)

@@ -1,11 +1,12 @@
-//! sock_diag for AF_UNIX (NETLINK_SOCK_DIAG, `unix_diag_req`), and the few
-//! raw socket calls `unix.rs` needs. `ss -xp` shows the same data.
+//! sock_diag for AF_UNIX (NETLINK_SOCK_DIAG, `unix_diag_req`), and the
+//! socket options restore sets again. `ss -xp` shows the same data. The raw
+//! socket calls (bind, connect, peek, send_msg...) are in `super::sys`.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use super::sys::{self, get_int, get_timeo, set_int, set_timeo};
 use crate::images::records::UnixOpts;
 use nix::errno::Errno;
 
@@ -50,11 +51,7 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 }
 
 fn nl_socket() -> Result<OwnedFd> {
-    // SAFETY: plain socket(2) call with integer arguments; the result is
-    // checked and owned right away.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
-    // SAFETY: a descriptor just returned by socket(2), owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(Errno::result(raw).context("socket(NETLINK_SOCK_DIAG)")?) })
+    sys::netlink_socket(libc::NETLINK_SOCK_DIAG).context("socket(NETLINK_SOCK_DIAG)")
 }
 
 /// Send one unix_diag_req: about inode `ino`, or (`dump`) about every Unix
@@ -72,9 +69,7 @@ fn request(nl: &OwnedFd, ino: u32, dump: bool, show: u32) -> Result<()> {
     req[24..28].copy_from_slice(&ino.to_ne_bytes());
     req[28..32].copy_from_slice(&show.to_ne_bytes());
     req[32..40].copy_from_slice(&[0xff; 8]); // no cookie check
-    // SAFETY: `req` is a valid buffer of the length passed.
-    let n = unsafe { libc::send(nl.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    Errno::result(n).context("send(sock_diag request)")?;
+    sys::send(nl.as_fd(), &req).context("send(sock_diag request)")?;
     Ok(())
 }
 
@@ -113,9 +108,7 @@ pub fn query(ino: u64) -> Result<Option<UnixDiag>> {
     let nl = nl_socket()?;
     request(&nl, ino32, false, SHOW_ALL)?;
     let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: `buf` is writable for its whole length.
-    let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    let n = Errno::result(n).context("recv(sock_diag answer)")? as usize;
+    let n = sys::recv(nl.as_fd(), &mut buf).context("recv(sock_diag answer)")?;
     let b = &buf[..n];
     ensure!(b.len() >= 16, "sock_diag: short answer ({n} bytes)");
     let len = (u32_at(b, 0) as usize).min(b.len());
@@ -141,9 +134,7 @@ pub fn query_all() -> Result<Vec<UnixDiag>> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
     loop {
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let n = Errno::result(n).context("recv(sock_diag dump)")? as usize;
+        let n = sys::recv(nl.as_fd(), &mut buf).context("recv(sock_diag dump)")?;
         ensure!(n > 0, "sock_diag dump ended without NLMSG_DONE");
         let mut off = 0;
         while off + 16 <= n {
@@ -163,212 +154,6 @@ pub fn query_all() -> Result<Vec<UnixDiag>> {
             off += (len + 3) & !3;
         }
     }
-}
-
-/// getsockopt of one int.
-pub fn get_int(fd: BorrowedFd<'_>, level: i32, opt: i32) -> nix::Result<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for writes; the kernel writes at most `len` bytes.
-    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
-    Errno::result(r).map(|_| v)
-}
-
-/// getsockopt of a struct timeval, in microseconds.
-pub fn get_timeo(fd: BorrowedFd<'_>, opt: i32) -> nix::Result<u64> {
-    let mut v = libc::timeval { tv_sec: 0, tv_usec: 0 };
-    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for writes; the kernel writes at most `len` bytes.
-    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&mut v as *mut libc::timeval).cast(), &mut len) };
-    Errno::result(r).map(|_| v.tv_sec.max(0) as u64 * 1_000_000 + v.tv_usec.max(0) as u64)
-}
-
-/// setsockopt of a struct timeval given in microseconds.
-pub fn set_timeo(fd: BorrowedFd<'_>, opt: i32, us: u64) -> nix::Result<()> {
-    let v = libc::timeval { tv_sec: (us / 1_000_000) as libc::time_t, tv_usec: (us % 1_000_000) as libc::suseconds_t };
-    // SAFETY: `v` is a valid timeval for the length passed.
-    let r = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&v as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
-    };
-    Errno::result(r).map(|_| ())
-}
-
-/// setsockopt of one int.
-pub fn set_int(fd: BorrowedFd<'_>, level: i32, opt: i32, v: i32) -> nix::Result<()> {
-    // SAFETY: `v` is a valid c_int for the length passed.
-    let r = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-    };
-    Errno::result(r).map(|_| ())
-}
-
-/// One message (or, on a stream, a run of bytes) peeked at the head of a
-/// receive queue.
-#[derive(Debug, Default)]
-pub struct Peeked {
-    pub len: usize,
-    pub trunc: bool,
-    /// The sender's address (raw sun_path bytes; empty: unnamed).
-    pub addr: Vec<u8>,
-    /// Files in flight with it (SCM_RIGHTS): snap's own duplicates.
-    pub fds: Vec<OwnedFd>,
-    /// SCM_CREDENTIALS attached to it.
-    pub creds: Option<libc::ucred>,
-    /// Control data of another kind, or control data cut short.
-    pub other: bool,
-}
-
-/// One recvmsg(MSG_PEEK) into `buf`. Descriptors passed in SCM_RIGHTS
-/// arrive close-on-exec and are returned as owned fds.
-pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<Peeked> {
-    let mut cbuf = [0u64; 512];
-    // SAFETY: sockaddr_un is plain data; zeroed is a valid empty value.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_name = (&mut sa as *mut libc::sockaddr_un).cast();
-    mh.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cbuf);
-    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC | libc::MSG_TRUNC;
-    // SAFETY: `mh` points at `sa`, `iov` (to `buf`) and `cbuf`, alive for the call.
-    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, flags) };
-    let n = Errno::result(n)? as usize;
-    let mut out = Peeked { len: n.min(buf.len()), trunc: n > buf.len() || mh.msg_flags & libc::MSG_TRUNC != 0, ..Default::default() };
-    let off = std::mem::size_of::<libc::sa_family_t>();
-    let namelen = (mh.msg_namelen as usize).min(std::mem::size_of::<libc::sockaddr_un>());
-    if namelen > off {
-        out.addr = sa.sun_path[..namelen - off].iter().map(|&c| c as u8).collect();
-    }
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, within
-    // msg_controllen; every SCM_RIGHTS entry is a descriptor the kernel just
-    // installed in our table, owned by nobody else.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            let data = libc::CMSG_DATA(c);
-            let dlen = (*c).cmsg_len as usize - (data as usize - c as usize);
-            match ((*c).cmsg_level, (*c).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                    let p = data as *const libc::c_int;
-                    for i in 0..dlen / std::mem::size_of::<libc::c_int>() {
-                        out.fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
-                    }
-                }
-                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) if dlen >= std::mem::size_of::<libc::ucred>() => {
-                    out.creds = Some(std::ptr::read_unaligned(data as *const libc::ucred));
-                }
-                _ => out.other = true,
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
-        out.other = true;
-    }
-    Ok(out)
-}
-
-/// sendmsg of one message with optional files (SCM_RIGHTS) and destination.
-pub fn send_msg(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>], to: Option<&[u8]>, flags: i32) -> nix::Result<usize> {
-    let mut cbuf = [0u64; 512];
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    let dest = match to {
-        Some(n) => Some(sockaddr(n)?),
-        None => None,
-    };
-    if let Some((sa, len)) = &dest {
-        mh.msg_name = (sa as *const libc::sockaddr_un) as *mut libc::c_void;
-        mh.msg_namelen = *len;
-    }
-    if !fds.is_empty() {
-        let bytes = std::mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-        if space > std::mem::size_of_val(&cbuf) {
-            return Err(Errno::EMSGSIZE);
-        }
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = space;
-        // SAFETY: the control buffer holds `space` bytes, room for one
-        // header and `fds.len()` ints.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
-            let p = libc::CMSG_DATA(c) as *mut libc::c_int;
-            for (i, f) in fds.iter().enumerate() {
-                std::ptr::write_unaligned(p.add(i), f.as_raw_fd());
-            }
-        }
-    }
-    loop {
-        // SAFETY: `mh` points at `iov` (to `data`), the address and the
-        // control buffer, all alive for the call.
-        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &mh, flags) };
-        match Errno::result(n) {
-            Err(Errno::EINTR) => continue,
-            r => return r.map(|n| n as usize),
-        }
-    }
-}
-
-fn sockaddr(name: &[u8]) -> nix::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain data.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if name.len() > sa.sun_path.len() {
-        return Err(Errno::ENAMETOOLONG);
-    }
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in sa.sun_path.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + name.len();
-    Ok((sa, len as libc::socklen_t))
-}
-
-/// Bind `fd` to a sun_path (raw bytes; abstract if it starts with NUL).
-pub fn bind(fd: BorrowedFd<'_>, name: &[u8]) -> nix::Result<()> {
-    let (sa, len) = sockaddr(name)?;
-    // SAFETY: `sa` is a valid sockaddr_un; `len` is within its size.
-    let r = unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len) };
-    Errno::result(r).map(|_| ())
-}
-
-/// Connect `fd` to a sun_path (raw bytes; abstract if it starts with NUL).
-pub fn connect(fd: BorrowedFd<'_>, name: &[u8]) -> nix::Result<()> {
-    let (sa, len) = sockaddr(name)?;
-    loop {
-        // SAFETY: `sa` is a valid sockaddr_un; `len` is within its size.
-        let r = unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len) };
-        match Errno::result(r) {
-            Err(Errno::EINTR) => continue,
-            r => return r.map(|_| ()),
-        }
-    }
-}
-
-/// accept4 with SOCK_CLOEXEC.
-pub fn accept(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
-    // SAFETY: accept4 with null address pointers; the result is a new
-    // descriptor owned by nobody else.
-    let r = Errno::result(unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) })?;
-    // SAFETY: a descriptor just returned by accept4, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
-}
-
-/// listen(2).
-pub fn listen(fd: BorrowedFd<'_>, backlog: i32) -> nix::Result<()> {
-    // SAFETY: listen(2) with integer arguments.
-    Errno::result(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(|_| ())
 }
 
 // ------------------------------------------------------------- options

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
+use super::sys;
 use super::unix_diag as diag;
 use super::unix_queue;
 
@@ -97,14 +98,14 @@ fn in_private_root<T: Send>(names: &[&[u8]], f: impl FnOnce() -> Result<T> + Sen
 pub fn named_pair(ty: SockType, acc: &[u8], con: &[u8]) -> Result<(OwnedFd, OwnedFd)> {
     in_private_root(&[acc, con], || {
         let l = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
-        diag::bind(l.as_fd(), acc).with_context(|| format!("binding a temporary listener to {}", show(acc)))?;
-        diag::listen(l.as_fd(), 1).context("listen")?;
+        sys::bind(l.as_fd(), acc).with_context(|| format!("binding a temporary listener to {}", show(acc)))?;
+        sys::listen(l.as_fd(), 1).context("listen")?;
         let c = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
         if !con.is_empty() {
-            diag::bind(c.as_fd(), con).with_context(|| format!("binding the connecting end to {}", show(con)))?;
+            sys::bind(c.as_fd(), con).with_context(|| format!("binding the connecting end to {}", show(con)))?;
         }
-        diag::connect(c.as_fd(), acc).with_context(|| format!("connecting to the temporary listener {}", show(acc)))?;
-        let a = diag::accept(l.as_fd()).context("accept")?;
+        sys::connect(c.as_fd(), acc).with_context(|| format!("connecting to the temporary listener {}", show(acc)))?;
+        let a = sys::accept(l.as_fd()).context("accept")?;
         Ok((a, c))
     })
 }
@@ -130,7 +131,7 @@ pub fn send_datagrams(
             continue;
         }
         let t = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
-        diag::connect(t.as_fd(), to).with_context(|| format!("connecting a stand-in for sender {} to {}", show(s), show(to)))?;
+        sys::connect(t.as_fd(), to).with_context(|| format!("connecting a stand-in for sender {} to {}", show(s), show(to)))?;
         unix_queue::make_room(t.as_fd(), data.len(), msgs.len())?;
         temps.insert(s, t);
     }
@@ -138,7 +139,7 @@ pub fn send_datagrams(
     let names: Vec<&[u8]> = named.iter().map(|(s, _)| *s).collect();
     in_private_root(&names, || {
         for (s, t) in &named {
-            diag::bind(*t, s).with_context(|| format!("binding a stand-in for sender {} (is the name taken on this host?)", show(s)))?;
+            sys::bind(*t, s).with_context(|| format!("binding a stand-in for sender {} (is the name taken on this host?)", show(s)))?;
         }
         Ok(())
     })?;
@@ -146,7 +147,7 @@ pub fn send_datagrams(
     let mut raised: Vec<(BorrowedFd<'_>, i32)> = Vec::new();
     for k in senders.iter().filter_map(|s| known.get(s)) {
         if raised.iter().all(|(f, _)| f.as_raw_fd() != k.as_raw_fd()) {
-            let v = diag::get_int(k.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF).context("getsockopt(SO_SNDBUF)")?;
+            let v = sys::get_int(k.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF).context("getsockopt(SO_SNDBUF)")?;
             unix_queue::make_room(k.as_fd(), data.len(), msgs.len())?;
             raised.push((k.as_fd(), v));
         }

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::errno::Errno;
 
-use super::unix_diag as diag;
+use super::sys;
 use super::DumpShared;
 use crate::images::records::{FileKind, ScmFiles};
 
@@ -32,14 +32,14 @@ pub struct Queue {
 
 /// The receive queue of our copy of a socket, left in place.
 pub fn read_queue(fd: BorrowedFd<'_>, ty: i32, orig_peek_off: i64) -> Result<Queue> {
-    let total = super::sys::fionread(fd).context("FIONREAD")?;
+    let total = sys::fionread(fd).context("FIONREAD")?;
     // A datagram socket's FIONREAD is the first message's length only.
     if total == 0 && ty != libc::SOCK_DGRAM {
         return Ok(Queue::default());
     }
-    diag::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).context("setting SO_PEEK_OFF to 0")?;
+    sys::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).context("setting SO_PEEK_OFF to 0")?;
     let r = peek_all(fd, ty, total);
-    let back = diag::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, orig_peek_off as i32)
+    let back = sys::set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, orig_peek_off as i32)
         .with_context(|| format!("putting SO_PEEK_OFF back to {orig_peek_off}"));
     let out = r?;
     back?;
@@ -60,7 +60,7 @@ fn peek_all(fd: BorrowedFd<'_>, ty: i32, total: usize) -> Result<Queue> {
             break;
         }
         ensure!(q.msgs.len() < MAX_MSGS, "more than {MAX_MSGS} queued messages");
-        let p = match diag::peek(fd, &mut buf) {
+        let p = match sys::peek(fd, &mut buf) {
             Ok(v) => v,
             Err(Errno::EAGAIN) => break,
             Err(e) => return Err(e).context("recvmsg(MSG_PEEK)"),
@@ -148,7 +148,7 @@ pub fn send_one(tx: BorrowedFd<'_>, msg: &[u8], to: Option<&[u8]>, stream: bool,
     let mut off = 0;
     while off < msg.len() {
         let f = if off == 0 { files } else { &[] };
-        match diag::send_msg(tx, &msg[off..], f, to, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        match sys::send_msg(tx, &msg[off..], f, to, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
             Ok(n) => {
                 ensure!(stream || n == msg.len(), "sent {n} of a {}-byte message", msg.len());
                 off += n;

@@ -367,19 +367,14 @@ fn write_batch(
     }
     let mut k = 0; // first iovec not completely written
     while k < local.len() {
-        // SAFETY: the local iovecs point into the page store's mapping,
-        // alive for the call; the remote ones are only interpreted by the
-        // kernel in the target's address space.
-        let n = unsafe {
-            libc::process_vm_writev(host, local[k..].as_ptr(), (local.len() - k) as _, remote[k..].as_ptr(), (remote.len() - k) as _, 0)
-        };
-        if n <= 0 {
-            let at = remote[k].iov_base as u64;
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("process_vm_writev {} bytes at {at:#x}", remote[k].iov_len));
+        // The local iovecs point into the page store's mapping, alive for the call.
+        let at = remote[k].iov_base as u64;
+        let mut n = match crate::sys::process::vm_writev(host, &local[k..], &remote[k..]) {
+            Ok(0) => Err(std::io::Error::last_os_error()),
+            r => r,
         }
+        .with_context(|| format!("process_vm_writev {} bytes at {at:#x}", remote[k].iov_len))?;
         // Partial write: skip what was done, resume inside an iovec.
-        let mut n = n as usize;
         while n > 0 {
             let d = n.min(local[k].iov_len);
             local[k].iov_base = (local[k].iov_base as usize + d) as *mut libc::c_void;

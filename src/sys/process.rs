@@ -130,6 +130,31 @@ pub fn reset_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Make the child of `cmd` call `reset_signals` between fork and exec.
+pub fn reset_signals_at_exec(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: reset_signals makes only async-signal-safe system calls.
+    unsafe { cmd.pre_exec(reset_signals) }
+}
+
+/// process_vm_writev(pid, local, remote, 0): copy the bytes the `local`
+/// iovecs describe to the addresses of `remote` in process `pid` (another
+/// process: EINVAL for this one). Returns the bytes written, which may be
+/// fewer than asked (then the caller resumes after them).
+pub fn vm_writev(pid: i32, local: &[libc::iovec], remote: &[libc::iovec]) -> std::io::Result<usize> {
+    if pid == std::process::id() as i32 {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the kernel only reads the local iovecs' memory (a bad address
+    // gives EFAULT, not a write here) and writes only in the address space
+    // of `pid`, which is not ours; both arrays are alive for the call.
+    let n = unsafe { libc::process_vm_writev(pid, local.as_ptr(), local.len() as _, remote.as_ptr(), remote.len() as _, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// How `spawn_in_cgroup` prepares the child before exec.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SpawnOpts {
