@@ -45,12 +45,16 @@ pub fn probe_all() -> Report {
         feature("process-vm-readv", "reading memory from outside the target (fallback page reader)", probe_process_vm_readv()),
         feature("vmsplice", "zero-copy page transfer from the parasite", probe_vmsplice()),
         feature("uffd-wp-async-pagemap-scan", "incremental dumps and pre-copy migration (dirty tracking here)", probe_uffd_pagemap_scan()),
+        feature("pagemap-scan", "finding a dump's pages with one PAGEMAP_SCAN per mapping (else /proc/PID/pagemap entry by entry)", probe_pagemap_scan()),
         feature("soft-dirty", "incremental dumps with soft-dirty bits (the other tracking backend)", probe_soft_dirty()),
         feature("pidfd", "taking fds from the target (pidfd_getfd), race-free process handles", probe_pidfd()),
         feature("prctl-mm-map", "restoring brk, arg/env and auxv (PR_SET_MM_MAP)", probe_prctl_mm_map()),
         feature("tcp-repair", "dumping and restoring established TCP connections", probe_tcp_repair()),
         feature("cgroup2-freezer", "freezing a group's cgroup for a consistent cut; snap run groups", probe_cgroup2()),
         feature("pid-net-namespaces", "restore --pidns and a group's own network namespace", probe_namespaces()),
+        feature("sysv-next-id", "SysV shared memory, semaphores and message queues keep their ids at restore", probe_sysv_next_id()),
+        feature("msg-copy", "dumping SysV message queues: their messages are copied in place (MSG_COPY)", probe_msg_copy()),
+        feature("timerfd-set-ticks", "restoring a timerfd's unread expiration count exactly (else a count above 1 comes back as 1)", probe_timerfd_set_ticks()),
         feature("cap-sys-resource", "setting rlimits of other users' processes with prlimit", probe_sys_resource()),
     ];
     let tracking_backend = crate::track::backend().unwrap_or("hash").to_string();

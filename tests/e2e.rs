@@ -620,6 +620,22 @@ fn image_show_and_check_json() {
     assert!(c.ok(), "{}", c.describe());
     let cv: serde_json::Value = serde_json::from_str(&c.stdout).unwrap_or_else(|e| panic!("check --json is not JSON ({e}): {}", c.stdout));
     assert!(cv.is_object() || cv.is_array(), "check --json: {}", c.stdout);
+    // Every probe is listed with its result, a detail and what it enables,
+    // present or not; the ones this kernel has also say so in the text form.
+    let features = cv["features"].as_array().unwrap_or_else(|| panic!("check --json has no features: {}", c.stdout));
+    let human = snap(&["check"]);
+    assert!(human.ok(), "{}", human.describe());
+    for name in ["sysv-next-id", "timerfd-set-ticks", "msg-copy", "pagemap-scan", "uffd-wp-async-pagemap-scan"] {
+        let f = features.iter().find(|f| f["name"] == name).unwrap_or_else(|| panic!("check --json lists no {name}: {}", c.stdout));
+        assert!(f["present"].is_boolean(), "{name}: present is not a boolean: {f}");
+        for k in ["detail", "enables"] {
+            assert!(f[k].as_str().is_some_and(|d| !d.is_empty()), "{name}: empty {k}: {f}");
+        }
+        let line = human.stdout.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+        let line = line.unwrap_or_else(|| panic!("snap check prints no {name} line: {}", human.stdout));
+        let state = if f["present"] == true { "present" } else { "absent" };
+        assert!(line.contains(state), "snap check says {line:?}, --json says {state}");
+    }
 }
 
 fn collect_ints(v: &serde_json::Value, out: &mut Vec<i64>) {

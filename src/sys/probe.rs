@@ -336,3 +336,115 @@ pub fn probe_sys_resource() -> Probe {
     }
 }
 
+
+/// `/proc/sys/kernel/{shm,sem,msg}_next_id` (CONFIG_CHECKPOINT_RESTORE),
+/// used as restore uses them: on a thread of its own in a new IPC namespace
+/// (so nothing here changes), each is set to an id and an object of that
+/// kind is created, which must get exactly that id. Without the right to
+/// make an IPC namespace, the files are only opened for writing (this
+/// kernel refuses to write -1, their idle value, and any other value would
+/// choose the id of the next object someone else creates).
+pub fn probe_sysv_next_id() -> Probe {
+    use super::ipc;
+    const ID: i32 = 4242;
+    let made = std::thread::spawn(|| -> Probe {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC) {
+            return Err(format!("unshare(CLONE_NEWIPC): {e}"));
+        }
+        let flags = libc::IPC_CREAT | libc::IPC_EXCL | 0o600;
+        for kind in ["shm", "sem", "msg"] {
+            let path = format!("/proc/sys/kernel/{kind}_next_id");
+            std::fs::write(&path, ID.to_string()).map_err(|e| format!("writing {ID} to {path} in a new IPC namespace: {e}"))?;
+            let id = match kind {
+                "shm" => ipc::shmget(libc::IPC_PRIVATE, 4096, flags),
+                "sem" => ipc::semget(libc::IPC_PRIVATE, 1, flags),
+                _ => ipc::msgget(libc::IPC_PRIVATE, flags),
+            }
+            .map_err(|e| format!("creating a {kind} object with next_id {ID}: {e}"))?;
+            let _ = match kind {
+                "shm" => ipc::shm_cmd(id, libc::IPC_RMID),
+                "sem" => ipc::sem_int(id, 0, libc::IPC_RMID, 0).map(drop),
+                _ => ipc::msg_rmid(id),
+            };
+            if id != ID {
+                return Err(format!("{path} set to {ID}, the {kind} object got id {id}"));
+            }
+        }
+        Ok(format!("shm, sem and msg objects created with chosen id {ID} (in a new IPC namespace)"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the probe thread panicked".into()));
+    match made {
+        Err(e) if e.starts_with("unshare") => {
+            for kind in ["shm", "sem", "msg"] {
+                let path = format!("/proc/sys/kernel/{kind}_next_id");
+                std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| format!("opening {path} for writing: {e}"))?;
+            }
+            Ok(format!("shm_next_id, sem_next_id and msg_next_id open for writing (not tried: {e})"))
+        }
+        r => r,
+    }
+}
+
+/// TFD_IOC_SET_TICKS on a fresh timerfd, read back with read(2).
+pub fn probe_timerfd_set_ticks() -> Probe {
+    use crate::kinds::sys::{timerfd_create, timerfd_set_ticks};
+    let fd = timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK).map_err(|e| format!("timerfd_create: {e}"))?;
+    match timerfd_set_ticks(fd.as_fd(), 3) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOTTY) => return Err("TFD_IOC_SET_TICKS: ENOTTY (kernel without CONFIG_CHECKPOINT_RESTORE)".into()),
+        Err(e) => return Err(format!("TFD_IOC_SET_TICKS: {e}")),
+    }
+    let mut b = [0u8; 8];
+    let n = nix::unistd::read(fd.as_raw_fd(), &mut b).map_err(|e| format!("reading the timerfd back: {e}"))?;
+    match (n, u64::from_ne_bytes(b)) {
+        (8, 3) => Ok("a fresh timerfd set to 3 expirations reads back 3".into()),
+        (n, v) => Err(format!("a timerfd set to 3 expirations read back {v} ({n} bytes)")),
+    }
+}
+
+/// msgrcv(MSG_COPY | IPC_NOWAIT) on a fresh private queue holding one
+/// message: the copy matches and the message stays queued. The queue is
+/// removed after.
+pub fn probe_msg_copy() -> Probe {
+    use super::ipc;
+    let id = ipc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600).map_err(|e| format!("msgget(IPC_PRIVATE): {e}"))?;
+    let r = (|| {
+        ipc::msgsnd(id, 7, b"snap").map_err(|e| format!("msgsnd: {e}"))?;
+        let (mtype, text) = ipc::msg_copy(id, 0, 16).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSYS) => "msgrcv(MSG_COPY): ENOSYS (kernel without CONFIG_CHECKPOINT_RESTORE)".to_string(),
+            _ => format!("msgrcv(MSG_COPY): {e}"),
+        })?;
+        if mtype != 7 || text != b"snap" {
+            return Err(format!("MSG_COPY returned type {mtype}, {} bytes: not the message sent", text.len()));
+        }
+        let left = ipc::msg_stat(id).map_err(|e| format!("msgctl(IPC_STAT): {e}"))?;
+        if left.qnum != 1 {
+            return Err(format!("after MSG_COPY the queue holds {} messages, not 1", left.qnum));
+        }
+        Ok("copied a message of a private queue, which kept it".to_string())
+    })();
+    let _ = ipc::msg_rmid(id);
+    r
+}
+
+/// PAGEMAP_SCAN (Linux 6.7+) over two pages of this process, one written:
+/// the written page is reported present.
+pub fn probe_pagemap_scan() -> Probe {
+    let pm = std::fs::File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut buf = vec![0u8; 3 * 4096];
+    let start = (buf.as_ptr() as u64 + 4095) & !4095;
+    let off = (start - buf.as_ptr() as u64) as usize;
+    buf[off] = 1;
+    std::hint::black_box(&buf);
+    let r = super::uffd::scan_raw(pm.as_fd(), start, start + 4096, 0, 0, 0, super::uffd::PAGE_IS_PRESENT);
+    drop(buf);
+    match r {
+        Ok(regs) if regs.iter().any(|r| r.0 <= start && start < r.1 && r.2 & super::uffd::PAGE_IS_PRESENT != 0) => {
+            Ok("PAGEMAP_SCAN reports a written page present".into())
+        }
+        Ok(regs) => Err(format!("PAGEMAP_SCAN did not report a written page present ({} region(s))", regs.len())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => Err("PAGEMAP_SCAN: ENOTTY (Linux < 6.7)".into()),
+        Err(e) => Err(format!("PAGEMAP_SCAN: {e}")),
+    }
+}
