@@ -15,12 +15,12 @@
 //! (so restore can `process_vm_writev` straight from it) or, for a
 //! compressed pack, decompresses it into memory once.
 
+use crate::sys::mapping::FileMap;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -443,35 +443,17 @@ impl PageStoreWriter {
 /// Page memory of a loaded store: a read-only mapping of the pack file, or
 /// the decompressed pack in memory.
 enum Backing {
-    Mapped { ptr: *mut libc::c_void, len: usize },
+    Mapped(FileMap),
     Owned(Vec<u8>),
     Empty,
 }
 
-// SAFETY: the mapping is private, read-only and never changed after it is
-// made; it is unmapped only in Drop, when no borrow of it can remain.
-unsafe impl Send for Backing {}
-// SAFETY: as above; shared reads of immutable memory are fine.
-unsafe impl Sync for Backing {}
-
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
-            // SAFETY: ptr/len come from a successful mmap of exactly len
-            // bytes, PROT_READ, alive until Drop (which needs &mut self).
-            Backing::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) },
+            Backing::Mapped(m) => m.bytes(),
             Backing::Owned(v) => v,
             Backing::Empty => &[],
-        }
-    }
-}
-
-impl Drop for Backing {
-    fn drop(&mut self) {
-        if let Backing::Mapped { ptr, len } = self {
-            // SAFETY: unmapping the mapping this value owns; no slices of it
-            // outlive `self` (they borrow from it).
-            unsafe { libc::munmap(*ptr, *len) };
         }
     }
 }
@@ -496,16 +478,8 @@ fn map_file(file: &File, len: usize, what: &Path) -> Result<Backing> {
     if len == 0 {
         return Ok(Backing::Empty);
     }
-    // SAFETY: a fresh private read-only mapping of a file we opened; the
-    // kernel picks the address. A file truncated by someone else later would
-    // raise SIGBUS on access: images are not modified while read.
-    let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("mmap {}", what.display()));
-    }
-    Ok(Backing::Mapped { ptr, len })
+    let m = FileMap::new(file, len).with_context(|| format!("mmap {}", what.display()))?;
+    Ok(Backing::Mapped(m))
 }
 
 /// Parse `pages.idx`: 16-byte LE hashes, no duplicates. Returns the map

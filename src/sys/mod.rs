@@ -1,6 +1,7 @@
 //! Thin system-call wrappers: the only place besides the parasite with `unsafe`.
 pub mod clone;
 pub mod ipc;
+pub mod mapping;
 pub mod probe;
 pub mod process;
 pub mod ptrace;
