@@ -165,28 +165,6 @@ fn sysv_leave_running_and_refused_restore() {
     drop(r);
 }
 
-/// Rewrite `name` of image `dir` with `f` and re-sign it in the manifest.
-fn edit(dir: &Path, name: &str, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join(name);
-    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-    f(&mut v);
-    let data = serde_json::to_vec(&v).unwrap();
-    fs::write(&p, &data).unwrap();
-    edit_manifest(dir, |files| {
-        for e in files.iter_mut().filter(|e| e["name"] == name) {
-            e["size"] = serde_json::json!(data.len());
-            e["xxh3"] = serde_json::json!(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)));
-        }
-    });
-}
-
-fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Vec<serde_json::Value>)) {
-    let inv = dir.join("inventory.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&inv).unwrap()).unwrap();
-    f(v.pointer_mut("/manifest/files").unwrap().as_array_mut().unwrap());
-    fs::write(&inv, serde_json::to_vec(&v).unwrap()).unwrap();
-}
-
 fn copy_image(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap().flatten() {

@@ -346,6 +346,15 @@ fn damaged_image_format_version() {
     });
 }
 
+/// A hostile image whose process names itself as its own child (a cycle in
+/// the tree, checksums made to match): refused before anything is forked.
+#[test]
+fn damaged_image_process_tree_cycle() {
+    damaged_image("dmg_cycle", &|pid| format!("pid {pid}"), &|img, pid| {
+        edit(img, &format!("proc-{pid}.json"), |v| v["children"] = serde_json::json!([pid]));
+    });
+}
+
 /// Start st_refuse MODE, dump: must be refused with an error containing
 /// `words` (plus the pid), and the process must keep running untraced.
 fn refused(test: &str, mode: &str, words: &dyn Fn(i32, i32) -> Vec<String>) {

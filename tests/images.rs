@@ -77,6 +77,7 @@ fn inventory(pids: Vec<i32>) -> Inventory {
         parent_id: None,
         memory_backend: "full".into(),
         tracking: None,
+        pidns: None,
     }
 }
 

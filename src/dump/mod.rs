@@ -165,7 +165,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     if let (true, Some(h), Some(_)) = (a.leave_running, &held, &parent) {
         if h.backend == track::UFFD_WP {
             let est: u64 = h.procs.keys().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
-            staging = prefaulted((est + est / 4) as usize + (1 << 20));
+            staging = prefaulted(((est + est / 4) as usize + (1 << 20)).min(STAGE_MAX));
         }
     }
     let mut pending: Vec<ProcDone> = Vec::new();
@@ -309,16 +309,17 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             let shared = matches!(vma.kind, VmaKind::SharedAnon { .. });
             // Private memory goes straight into the page map.
             let out: &mut Vec<(u64, PageHash)> = if shared { &mut shm_out } else { &mut map };
-            let mean = ranges.iter().map(|r| r.1).sum::<usize>() / ranges.len().max(1);
+            let total: usize = ranges.iter().map(|r| r.1).sum();
+            let mean = total / ranges.len().max(1);
             if vma.prot & libc::PROT_READ as u32 == 0 {
                 read_via_mem(pid, &ranges, &mut |addr, data| w.pages().add_pages(addr, data, out))?;
-            } else if mean < SCATTERED && a.leave_running && !shared {
+            } else if mean < SCATTERED && a.leave_running && !shared && staging.len() + total <= STAGE_MAX {
                 // Scattered pages (typically those written since the last
                 // dump), read from outside a thousand ranges per call and
                 // only copied while the processes are stopped.
                 remote::read_ranges_into(pid, &ranges, &mut staging)?;
                 staged.extend_from_slice(&ranges);
-                prog.add(ranges.iter().map(|r| r.1 as u64).sum());
+                prog.add(total as u64);
             } else if mean < SCATTERED {
                 let pages = w.pages();
                 remote::read_ranges(pid, &ranges, &mut readv_buf, &mut |addr, data| {
@@ -541,6 +542,11 @@ fn prefaulted(n: usize) -> Vec<u8> {
     v.clear();
     v
 }
+
+/// Most bytes of pages copied aside while the processes are stopped (the
+/// rest is hashed and stored as it is read, as in a full dump): memory
+/// snap takes for itself must stay small beside the machine's.
+const STAGE_MAX: usize = 256 << 20;
 
 /// Mean run length (bytes) under which a mapping's pages are read with
 /// `process_vm_readv` rather than through the parasite's pipe.

@@ -106,8 +106,34 @@ fn load(img: &ImageReader) -> Result<Plan> {
             }
         }
     }
+    check_trees(&procs, &inv.roots)?;
     let files: FilesImage = img.read_json("files.json")?;
     Ok(Plan { procs, files, roots: inv.roots.clone(), own_init: false, init_mnt: None })
+}
+
+/// The image's processes must form trees under its roots, each process
+/// reached once: a damaged or hostile image naming a cycle, or a child
+/// under two parents, would otherwise make the fork code loop or fork it
+/// twice.
+fn check_trees(procs: &BTreeMap<i32, ProcessImage>, roots: &[i32]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<i32> = Vec::new();
+    for &r in roots {
+        if !procs.contains_key(&r) {
+            bail!("root pid {r} has no record in the image (damaged image)");
+        }
+        stack.push(r);
+    }
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p) {
+            bail!("pid {p} is reached twice in the image's process trees: a cycle, or a child of two parents (damaged image)");
+        }
+        stack.extend(&procs[&p].children);
+    }
+    if let Some(p) = procs.keys().find(|p| !seen.contains(*p)) {
+        bail!("pid {p} is under none of the image's roots (damaged image)");
+    }
+    Ok(())
 }
 
 fn current_pgid(pid: i32) -> Option<i32> {
