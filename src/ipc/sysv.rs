@@ -470,14 +470,31 @@ fn write_next_id(kind: Kind, id: i32) -> Result<()> {
 fn create_with_id(kind: Kind, p: &IpcPerm, get: impl FnOnce() -> std::io::Result<i32> + Send) -> Result<()> {
     write_next_id(kind, p.id)?;
     let got = if p.cuid == 0 && p.cgid == 0 { get() } else { sys::as_creator(p.cuid, p.cgid, get).and_then(|r| r) };
-    // Consumed by a successful creation; a failed one leaves it set.
-    let _ = write_next_id(kind, -1);
+    // A successful creation consumes the id asked for; after a failed one
+    // it would stay set and hand itself to whatever object anyone makes
+    // next (this kernel refuses writing -1 back), so a throwaway private
+    // object takes it.
+    if got.is_err() {
+        consume_next_id(kind);
+    }
     let got = got.with_context(|| format!("creating {} id {} (key {:#x})", kind.name(), p.id, p.key))?;
     if got != p.id {
         let _ = remove(kind, got);
         bail!("creating {} id {} (key {:#x}): the kernel gave id {got} (is the index taken?)", kind.name(), p.id, p.key);
     }
     Ok(())
+}
+
+/// Use up a pending `*_next_id` with a private object, removed at once.
+fn consume_next_id(kind: Kind) {
+    let made = match kind {
+        Kind::Shm => sys::shmget(libc::IPC_PRIVATE, 4096, 0o600),
+        Kind::Sem => sys::semget(libc::IPC_PRIVATE, 1, 0o600),
+        Kind::Msg => sys::msgget(libc::IPC_PRIVATE, 0o600),
+    };
+    if let Ok(id) = made {
+        let _ = remove(kind, id);
+    }
 }
 
 fn remove(kind: Kind, id: i32) -> std::io::Result<()> {
