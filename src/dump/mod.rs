@@ -152,11 +152,14 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut parent_procs = BTreeMap::new();
     if let Some(r) = &parent {
         w.pages().know(r.pages()?.hashes());
+        crate::images::dir::timing("dump: parent's page hashes known");
         parent_procs = parent_processes(r)?;
+        crate::images::dir::timing("dump: parent's processes read");
     }
     // VmFlags of the roots (see `mm::vm_flags`), while they still run.
     let mut early_flags: BTreeMap<Pid, mm::VmFlags> =
         roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
+    crate::images::dir::timing("dump: roots' VmFlags read");
     // Staging for the pages an incremental dump with tracking copies out
     // while the processes are stopped (hashed and stored once they run
     // again), touched now, while they still run: faulting in fresh memory
