@@ -578,8 +578,8 @@ fn parent_processes(r: &ImageReader) -> Result<ParentProcs> {
     for &pid in &r.inventory().pids {
         let pp: ProcessImage = r.read_json(&format!("proc-{pid}.json"))?;
         let pm = format!("pagemap-{pid}.bin");
-        let map = if r.has(&pm) { r.pagemap(&pm)? } else { Vec::new() };
-        out.insert(Pid(pid), (pp, track::spans_of(&map)));
+        let spans = if r.has(&pm) { r.pagemap_spans(&pm)? } else { Vec::new() };
+        out.insert(Pid(pid), (pp, spans));
     }
     Ok(out)
 }

@@ -516,6 +516,38 @@ impl ImageReader {
         Ok(m)
     }
 
+    /// The addresses page map `name` covers once merged with its parents'
+    /// (sorted, disjoint spans), without merging: this image's own pages
+    /// and its inherited ranges, which hold only pages the parent has (the
+    /// merge checks that at restore). What an incremental dump needs of its
+    /// parent, at a fraction of [`Self::pagemap`]'s cost.
+    pub fn pagemap_spans(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let b = self.read_bytes(name)?;
+        let own = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for &(a, _) in &own {
+            match spans.last_mut() {
+                Some(l) if l.1 == a => l.1 += PAGE_SIZE as u64,
+                _ => spans.push((a, a + PAGE_SIZE as u64)),
+            }
+        }
+        let inh = format!("{name}{INHERIT_SUFFIX}");
+        if self.has(&inh) {
+            let ranges = decode_ranges(&inh, &self.read_bytes(&inh)?).with_context(|| format!("image {}", self.dir.display()))?;
+            spans.extend(ranges);
+            spans.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+            for (s, e) in spans {
+                match merged.last_mut() {
+                    Some(l) if l.1 >= s => l.1 = l.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            spans = merged;
+        }
+        Ok(spans)
+    }
+
     /// The pages the page maps refer to: this image's store and its parents'.
     pub fn pages(&self) -> Result<ChainStore> {
         Ok(self.chain.clone())
@@ -551,10 +583,18 @@ fn merge_inherited(own: &[(u64, PageHash)], parent: &[(u64, PageHash)], ranges: 
     let mut i = 0;
     for &(s, e) in ranges {
         i += parent[i..].partition_point(|x| x.0 < s);
+        let before = taken.len();
         while i < parent.len() && parent[i].0 < e {
             taken.push(parent[i]);
             i += 1;
         }
+        // A dump inherits only pages its parent holds: a range with holes
+        // would restore them as zero, so the image is refused instead (and
+        // `pagemap_spans` may take the ranges as they are).
+        ensure!(
+            (taken.len() - before) as u64 == (e - s) / PAGE_SIZE as u64,
+            "inherited range {s:#x}-{e:#x} covers pages the parent does not hold"
+        );
     }
     let mut out = Vec::with_capacity(own.len() + taken.len());
     let (mut a, mut b) = (0, 0);
@@ -603,5 +643,24 @@ pub fn timing(label: &str) {
         let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
             .map_or(0.0, |t| t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6);
         eprintln!("snap timing: {:9.3} ms  (cpu {cpu:9.3} ms)  {label}", t0.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_takes_inherited_ranges_and_refuses_holes() {
+        let p = PAGE_SIZE as u64;
+        let parent = [(0, 10), (p, 11), (2 * p, 12), (4 * p, 14)];
+        let own = [(3 * p, 33)];
+        let m = merge_inherited(&own, &parent, &[(p, 3 * p)]).unwrap();
+        assert_eq!(m, vec![(p, 11), (2 * p, 12), (3 * p, 33)]);
+        // Page 3 is not the parent's: a range over it would restore a hole.
+        let e = merge_inherited(&[], &parent, &[(2 * p, 5 * p)]).unwrap_err();
+        assert!(e.to_string().contains("does not hold"), "{e}");
+        // A page stored here and inherited too.
+        assert!(merge_inherited(&own, &parent, &[(3 * p, 4 * p)]).is_err());
     }
 }

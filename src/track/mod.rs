@@ -30,10 +30,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use anyhow::{Context, Result};
 
 use crate::images::records::{Vma, VmaKind};
-use crate::images::PageHash;
 use crate::parasite::Parasite;
 use crate::sys::uffd;
-use crate::types::{Pid, PAGE_SIZE};
+use crate::types::Pid;
 
 pub const UFFD_WP: &str = "uffd-wp";
 pub const SOFT_DIRTY: &str = "soft-dirty";
@@ -325,23 +324,10 @@ fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Spans {
     out
 }
 
-/// The addresses a page map covers, as spans (built before the processes
-/// stop, so splitting works on runs, not on pages).
-pub fn spans_of(map: &[(u64, PageHash)]) -> Spans {
-    let mut out: Spans = Vec::new();
-    for &(a, _) in map {
-        match out.last_mut() {
-            Some(l) if l.1 == a => l.1 += PAGE_SIZE as u64,
-            _ => out.push((a, a + PAGE_SIZE as u64)),
-        }
-    }
-    out
-}
-
 /// Split the present pages `runs` (sorted `(address, length)`) of one
 /// mapping into the ranges to read and the runs to take from the parent
 /// (appended to `reuse`): a page is taken only if it is unchanged and the
-/// parent's page map has it (`parent`, as [`spans_of`]); a zero page is
+/// parent's page map has it (`parent`: its spans, `ImageReader::pagemap_spans`); a zero page is
 /// neither. Works on runs: a 1 GiB mapping with a few thousand written
 /// pages costs a few thousand steps, not a quarter million.
 pub fn split(runs: &[(u64, usize)], dirt: &Dirt, parent: &[(u64, u64)], reuse: &mut Vec<(u64, usize)>) -> Vec<(u64, usize)> {
@@ -364,6 +350,20 @@ pub fn split(runs: &[(u64, usize)], dirt: &Dirt, parent: &[(u64, u64)], reuse: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::images::PageHash;
+    use crate::types::PAGE_SIZE;
+
+/// The addresses a page map covers, as spans.
+fn spans_of(map: &[(u64, PageHash)]) -> Spans {
+    let mut out: Spans = Vec::new();
+    for &(a, _) in map {
+        match out.last_mut() {
+            Some(l) if l.1 == a => l.1 += PAGE_SIZE as u64,
+            _ => out.push((a, a + PAGE_SIZE as u64)),
+        }
+    }
+    out
+}
 
     #[test]
     fn split_takes_only_clean_pages_the_parent_has() {
