@@ -304,7 +304,7 @@ pub fn dump_ranges(pid: Pid, pm: &File, vma: &Vma) -> Result<Vec<(u64, usize)>> 
         // entry in this process's page table: ask the object itself.
         let data = shmem_data_ranges(pid, vma)
             .with_context(|| format!("{pid}: shared memory {:#x}-{:#x}", vma.start, vma.end))?;
-        out = union_runs(out, data);
+        out = crate::spans::to_runs(&crate::spans::union(&crate::spans::from_runs(&out), &crate::spans::from_runs(&data)));
     }
     Ok(out)
 }
@@ -401,23 +401,6 @@ fn shmem_data_ranges(pid: Pid, vma: &Vma) -> Result<Vec<(u64, usize)>> {
     Ok(out)
 }
 
-/// Union of two sorted lists of runs, merged where they touch or overlap.
-fn union_runs(a: Vec<(u64, usize)>, b: Vec<(u64, usize)>) -> Vec<(u64, usize)> {
-    let mut all: Vec<(u64, u64)> = a.into_iter().chain(b).map(|(s, l)| (s, s + l as u64)).collect();
-    all.sort_unstable();
-    let mut out: Vec<(u64, usize)> = Vec::new();
-    for (s, e) in all {
-        match out.last_mut() {
-            Some((ls, ll)) if *ls + *ll as u64 >= s => {
-                let end = (*ls + *ll as u64).max(e);
-                *ll = (end - *ls) as usize;
-            }
-            _ => out.push((s, (e - s) as usize)),
-        }
-    }
-    out
-}
-
 /// A VMA whose pages the parasite cannot read in place (no PROT_READ) but
 /// which may hold content: the caller reads it through /proc/PID/mem.
 pub fn unreadable(vma: &Vma) -> bool {
@@ -484,7 +467,8 @@ mod tests {
 
     #[test]
     fn union() {
-        let u = union_runs(vec![(0x1000, 0x1000), (0x5000, 0x1000)], vec![(0x2000, 0x1000), (0x4000, 0x3000)]);
+        let runs = |r: &[(u64, usize)]| crate::spans::from_runs(r);
+        let u = crate::spans::to_runs(&crate::spans::union(&runs(&[(0x1000, 0x1000), (0x5000, 0x1000)]), &runs(&[(0x2000, 0x1000), (0x4000, 0x3000)])));
         assert_eq!(u, vec![(0x1000, 0x2000), (0x4000, 0x3000)]);
     }
 

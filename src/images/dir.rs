@@ -524,26 +524,14 @@ impl ImageReader {
     pub fn pagemap_spans(&self, name: &str) -> Result<Vec<(u64, u64)>> {
         let b = self.read_bytes(name)?;
         let own = decode_pagemap(name, &b).with_context(|| format!("image {}", self.dir.display()))?;
-        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let mut spans = Vec::new();
         for &(a, _) in &own {
-            match spans.last_mut() {
-                Some(l) if l.1 == a => l.1 += PAGE_SIZE as u64,
-                _ => spans.push((a, a + PAGE_SIZE as u64)),
-            }
+            crate::spans::push(&mut spans, a, a + PAGE_SIZE as u64);
         }
         let inh = format!("{name}{INHERIT_SUFFIX}");
         if self.has(&inh) {
             let ranges = decode_ranges(&inh, &self.read_bytes(&inh)?).with_context(|| format!("image {}", self.dir.display()))?;
-            spans.extend(ranges);
-            spans.sort_unstable();
-            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-            for (s, e) in spans {
-                match merged.last_mut() {
-                    Some(l) if l.1 >= s => l.1 = l.1.max(e),
-                    _ => merged.push((s, e)),
-                }
-            }
-            spans = merged;
+            spans = crate::spans::union(&spans, &ranges);
         }
         Ok(spans)
     }

@@ -31,6 +31,8 @@ use anyhow::{Context, Result};
 
 use crate::images::records::{Vma, VmaKind};
 use crate::parasite::Parasite;
+use crate::spans::{self, intersect, subtract, union, window};
+pub use crate::spans::Spans;
 use crate::sys::uffd;
 use crate::types::Pid;
 
@@ -76,10 +78,6 @@ pub fn backend() -> Option<&'static str> {
     })
 }
 
-fn pagemap(pid: Pid) -> Result<std::fs::File> {
-    let path = format!("/proc/{}/pagemap", pid.0);
-    std::fs::File::open(&path).with_context(|| format!("{pid}: opening {path}"))
-}
 
 /// What tracking tells about a process's pages since the dump that armed
 /// it (sorted, disjoint spans).
@@ -106,7 +104,7 @@ pub struct Dirt {
 /// protected again in the same walk). Call with the process stopped, before
 /// anything (the parasite) writes to its memory.
 pub fn dirt(pid: Pid, backend: &str) -> Result<Dirt> {
-    let pm = pagemap(pid)?;
+    let pm = crate::dump::mm::open_pagemap(pid)?;
     let ctx = || format!("{pid}: dirty pages ({backend})");
     let z = uffd::PAGE_IS_PFNZERO;
     if backend == SOFT_DIRTY {
@@ -131,10 +129,7 @@ pub fn dirt(pid: Pid, backend: &str) -> Result<Dirt> {
     let pick = |want: &dyn Fn(u64) -> bool| -> Spans {
         let mut out: Spans = Vec::new();
         for r in regs.iter().filter(|r| want(r.2)) {
-            match out.last_mut() {
-                Some(l) if l.1 == r.0 => l.1 = r.1,
-                _ => out.push((r.0, r.1)),
-            }
+            spans::push(&mut out, r.0, r.1);
         }
         out
     };
@@ -151,7 +146,7 @@ pub fn dirt(pid: Pid, backend: &str) -> Result<Dirt> {
 /// Bytes of tracked memory written so far (no protection changed): what an
 /// incremental dump will read at least, asked before the processes stop.
 pub fn written_bytes(pid: Pid) -> Result<u64> {
-    let pm = pagemap(pid)?;
+    let pm = crate::dump::mm::open_pagemap(pid)?;
     let w = uffd::PAGE_IS_WPALLOWED | uffd::PAGE_IS_WRITTEN;
     let regs = uffd::scan(pm.as_fd(), 0, USER_END, 0, w, 0, w).with_context(|| format!("{pid}: written pages"))?;
     Ok(regs.iter().map(|r| r.1 - r.0).sum())
@@ -181,9 +176,8 @@ impl Dirt {
         for &(s, e) in &maybe {
             crate::dump::mm::content_runs(pm, s, e, &mut found)?;
         }
-        let found: Spans = found.into_iter().map(|(a, l)| (a, a + l as u64)).collect();
-        spans = union(&spans, &found);
-        Ok(Some(spans.into_iter().map(|(s, e)| (s, (e - s) as usize)).collect()))
+        spans = union(&spans, &spans::from_runs(&found));
+        Ok(Some(spans::to_runs(&spans)))
     }
 }
 
@@ -223,7 +217,7 @@ pub fn arm(
     let covered: &[(u64, u64)] = match (covered, &fd_was_old) {
         (Some(c), true) => c,
         _ => {
-            let pm = pagemap(pid)?;
+            let pm = crate::dump::mm::open_pagemap(pid)?;
             let regs = uffd::scan(pm.as_fd(), 0, USER_END, 0, 0, uffd::PAGE_IS_WPALLOWED, uffd::PAGE_IS_WPALLOWED)
                 .with_context(|| format!("{pid}: mappings under tracking"))?;
             walked = regs.into_iter().map(|r| (r.0, r.1)).collect::<Spans>();
@@ -261,69 +255,6 @@ fn new_uffd(pid: Pid, par: &mut Parasite) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Address spans `[start, end)`, sorted and disjoint.
-pub type Spans = Vec<(u64, u64)>;
-
-/// The part of sorted disjoint `list` that may meet `[lo, hi)`.
-fn window(list: &[(u64, u64)], lo: u64, hi: u64) -> &[(u64, u64)] {
-    let a = list.partition_point(|r| r.1 <= lo);
-    let b = list.partition_point(|r| r.0 < hi);
-    &list[a..b.max(a)]
-}
-
-/// `a ∩ b` of sorted disjoint spans.
-fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Spans {
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < a.len() && j < b.len() {
-        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
-        if s < e {
-            out.push((s, e));
-        }
-        if a[i].1 < b[j].1 {
-            i += 1;
-        } else {
-            j += 1;
-        }
-    }
-    out
-}
-
-/// `a − b` of sorted disjoint spans.
-fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Spans {
-    let (mut j, mut out) = (0, Vec::new());
-    for &(mut s, e) in a {
-        while j < b.len() && b[j].1 <= s {
-            j += 1;
-        }
-        let mut k = j;
-        while k < b.len() && b[k].0 < e {
-            if b[k].0 > s {
-                out.push((s, b[k].0));
-            }
-            s = s.max(b[k].1);
-            k += 1;
-        }
-        if s < e {
-            out.push((s, e));
-        }
-    }
-    out
-}
-
-/// `a ∪ b` of sorted disjoint spans (touching spans merged).
-fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Spans {
-    let mut all: Spans = a.iter().chain(b).copied().collect();
-    all.sort_unstable();
-    let mut out: Spans = Vec::new();
-    for (s, e) in all {
-        match out.last_mut() {
-            Some(l) if l.1 >= s => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
 /// Split the present pages `runs` (sorted `(address, length)`) of one
 /// mapping into the ranges to read and the runs to take from the parent
 /// (appended to `reuse`): a page is taken only if it is unchanged and the
@@ -335,7 +266,7 @@ pub fn split(runs: &[(u64, usize)], dirt: &Dirt, parent: &[(u64, u64)], reuse: &
         return Vec::new();
     };
     let (lo, hi) = (first.0, last.0 + last.1 as u64);
-    let present: Spans = runs.iter().map(|&(a, l)| (a, a + l as u64)).collect();
+    let present = spans::from_runs(runs);
     let nonzero = subtract(&present, window(&dirt.zero, lo, hi));
     let take = intersect(&intersect(&nonzero, window(&dirt.unchanged, lo, hi)), window(parent, lo, hi));
     for &(s, e) in &take {
@@ -344,7 +275,7 @@ pub fn split(runs: &[(u64, usize)], dirt: &Dirt, parent: &[(u64, u64)], reuse: &
             _ => reuse.push((s, (e - s) as usize)),
         }
     }
-    subtract(&nonzero, &take).into_iter().map(|(s, e)| (s, (e - s) as usize)).collect()
+    spans::to_runs(&subtract(&nonzero, &take))
 }
 
 #[cfg(test)]
@@ -357,10 +288,7 @@ mod tests {
 fn spans_of(map: &[(u64, PageHash)]) -> Spans {
     let mut out: Spans = Vec::new();
     for &(a, _) in map {
-        match out.last_mut() {
-            Some(l) if l.1 == a => l.1 += PAGE_SIZE as u64,
-            _ => out.push((a, a + PAGE_SIZE as u64)),
-        }
+        spans::push(&mut out, a, a + PAGE_SIZE as u64);
     }
     out
 }
@@ -377,42 +305,5 @@ fn spans_of(map: &[(u64, PageHash)]) -> Spans {
         let read = split(&runs, &dirt, &parent, &mut reuse);
         assert_eq!(reuse, vec![(2 * p, 2 * PAGE_SIZE), (5 * p, PAGE_SIZE)]);
         assert_eq!(read, vec![(0, 2 * PAGE_SIZE), (4 * p, PAGE_SIZE), (6 * p, PAGE_SIZE)]);
-    }
-
-    #[test]
-    fn span_algebra_matches_page_by_page_sets() {
-        use std::collections::BTreeSet;
-        // Pseudo-random span lists over 64 pages, checked against sets.
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut spans = || {
-            let mut out: Spans = Vec::new();
-            let mut a = 0u64;
-            while a < 64 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let (gap, len) = (x % 4, 1 + (x >> 8) % 5);
-                let s = a + gap;
-                let e = (s + len).min(64);
-                if s < e && out.last().is_none_or(|l| l.1 < s) {
-                    out.push((s, e));
-                }
-                a = e + 1;
-            }
-            out
-        };
-        let set = |v: &[(u64, u64)]| v.iter().flat_map(|&(s, e)| s..e).collect::<BTreeSet<u64>>();
-        for _ in 0..200 {
-            let (a, b) = (spans(), spans());
-            let (sa, sb) = (set(&a), set(&b));
-            assert_eq!(set(&intersect(&a, &b)), &sa & &sb, "{a:?} ∩ {b:?}");
-            assert_eq!(set(&subtract(&a, &b)), &sa - &sb, "{a:?} − {b:?}");
-            assert_eq!(set(&union(&a, &b)), &sa | &sb, "{a:?} ∪ {b:?}");
-            for w in [(0, 64), (10, 20), (63, 64)] {
-                let got: BTreeSet<u64> = set(window(&a, w.0, w.1)).into_iter().filter(|p| (w.0..w.1).contains(p)).collect();
-                let want: BTreeSet<u64> = sa.iter().copied().filter(|p| (w.0..w.1).contains(p)).collect();
-                assert_eq!(got, want, "window {w:?} of {a:?}");
-            }
-        }
     }
 }
