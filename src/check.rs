@@ -64,15 +64,15 @@ pub fn probe_all() -> Report {
 pub fn run(json: bool) -> Result<()> {
     let r = probe_all();
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        crate::outln!("{}", serde_json::to_string(&r)?)?;
         return Ok(());
     }
-    println!("kernel: {}", r.kernel);
+    crate::outln!("kernel: {}", r.kernel)?;
     let w = r.features.iter().map(|f| f.name.len()).max().unwrap_or(0);
     for f in &r.features {
-        println!("{:<w$}  {:<7}  {}", f.name, if f.present { "present" } else { "absent" }, f.detail);
-        println!("{:<w$}  {:<7}  enables: {}", "", "", f.enables);
+        crate::outln!("{:<w$}  {:<7}  {}", f.name, if f.present { "present" } else { "absent" }, f.detail)?;
+        crate::outln!("{:<w$}  {:<7}  enables: {}", "", "", f.enables)?;
     }
-    println!("incremental dumps track dirty pages with: {}", r.tracking_backend);
+    crate::outln!("incremental dumps track dirty pages with: {}", r.tracking_backend)?;
     Ok(())
 }

@@ -603,15 +603,16 @@ fn image_show_and_check_json() {
     assert!(human.ok() && human.stdout.contains(&pid.to_string()), "image show: {}", human.describe());
     // A reader that went away (`| head`) ends the output quietly: exit 0,
     // nothing on stderr (it used to panic on the broken pipe).
-    for extra in [None, Some("--json")] {
+    let show = ["image", "show", img.to_str().unwrap()];
+    for args in [&show[..], &[show[0], show[1], show[2], "--json"], &["check"], &["ps"]] {
         let (rd, wr) = nix::unistd::pipe().unwrap();
         drop(rd);
         let mut c = Command::new(snap_bin());
-        c.args(["image", "show", img.to_str().unwrap()]).args(extra).stdout(Stdio::from(wr)).stderr(Stdio::piped());
+        c.args(args).stdout(Stdio::from(wr)).stderr(Stdio::piped());
         let o = c.output().unwrap();
         assert!(
             o.status.success() && o.stderr.is_empty(),
-            "image show {extra:?} into a closed pipe: {:?}, stderr {}",
+            "snap {args:?} into a closed pipe: {:?}, stderr {}",
             o.status,
             String::from_utf8_lossy(&o.stderr)
         );

@@ -251,6 +251,17 @@ pub fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// `println!` for command output, through [`emit`]: `?` after it.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::emit("\n")
+    };
+    ($($t:tt)*) => {
+        $crate::cli::emit(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match run(cli) {

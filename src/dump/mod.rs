@@ -49,7 +49,7 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         }
     }
     if a.json {
-        println!("{}", out.summary);
+        crate::outln!("{}", out.summary)?;
     }
     Ok(())
 }

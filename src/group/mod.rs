@@ -176,16 +176,16 @@ fn start_detached(a: &RunArgs) -> Result<i32> {
     let v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("the supervisor's report {line:?}"))?;
     if a.json {
-        println!("{v}");
+        crate::outln!("{v}")?;
     } else {
-        println!(
+        crate::outln!(
             "group {}: supervisor {}, program {} (cgroup {}, checkpoints in {})",
             v["name"].as_str().unwrap_or("?"),
             v["supervisor_pid"],
             v["program_pid"],
             v["cgroup"].as_str().unwrap_or("?"),
             v["images_root"].as_str().unwrap_or("?"),
-        );
+        )?;
     }
     Ok(0)
 }
@@ -213,7 +213,7 @@ pub fn dump(a: &DumpArgs) -> Result<()> {
     // name the socket, which does too.
     let v = proto::request(&sock, &Request::Dump { dir, compress: a.compress }, None)?;
     if a.json {
-        println!("{v}");
+        crate::outln!("{v}")?;
     }
     Ok(())
 }
@@ -349,14 +349,14 @@ pub fn ps(json: bool) -> Result<i32> {
     names.sort();
     let groups: Vec<serde_json::Value> = names.iter().map(|n| describe(n)).collect();
     if json {
-        println!("{}", serde_json::json!({ "groups": groups }));
+        crate::outln!("{}", serde_json::json!({ "groups": groups }))?;
         return Ok(0);
     }
     if groups.is_empty() {
-        println!("no groups (nothing in {STATE_ROOT})");
+        crate::outln!("no groups (nothing in {STATE_ROOT})")?;
     }
     for g in &groups {
-        print_group(g);
+        print_group(g)?;
     }
     Ok(0)
 }
@@ -405,7 +405,7 @@ fn describe(name: &str) -> serde_json::Value {
     }
 }
 
-fn print_group(g: &serde_json::Value) {
+fn print_group(g: &serde_json::Value) -> Result<()> {
     let s = |k: &str| g[k].as_str().map(str::to_string).unwrap_or_else(|| g[k].to_string());
     match g["state"].as_str() {
         Some("running") => {
@@ -416,7 +416,7 @@ fn print_group(g: &serde_json::Value) {
                 }
                 None => "none".into(),
             };
-            println!(
+            crate::outln!(
                 "{}  supervisor {}  checkpoints {}  last {}  every {}  cgroup {}",
                 s("name"),
                 s("supervisor_pid"),
@@ -424,21 +424,22 @@ fn print_group(g: &serde_json::Value) {
                 last,
                 g["interval_ms"].as_u64().map_or("-".into(), |m| format!("{m}ms")),
                 s("cgroup"),
-            );
+            )?;
             if let Some(init) = g["pidns_init"].as_i64() {
-                println!("  own pid namespace, init {init} (host pids below)");
+                crate::outln!("  own pid namespace, init {init} (host pids below)")?;
             }
-            println!("  {:>7} {:>7}  COMM", "PID", "PPID");
+            crate::outln!("  {:>7} {:>7}  COMM", "PID", "PPID")?;
             for m in g["members"].as_array().into_iter().flatten() {
-                println!("  {:>7} {:>7}  {}", m["pid"], m["ppid"], m["comm"].as_str().unwrap_or("?"));
+                crate::outln!("  {:>7} {:>7}  {}", m["pid"], m["ppid"], m["comm"].as_str().unwrap_or("?"))?;
             }
             if let Some(e) = g["last_error"].as_str() {
-                println!("  last error: {e}");
+                crate::outln!("  last error: {e}")?;
             }
         }
-        Some(st) => println!("{}  {st}: stale state dir {} ({})", s("name"), s("state_dir"), s("error")),
-        None => println!("{}  ?", s("name")),
+        Some(st) => crate::outln!("{}  {st}: stale state dir {} ({})", s("name"), s("state_dir"), s("error"))?,
+        None => crate::outln!("{}  ?", s("name"))?,
     }
+    Ok(())
 }
 
 pub fn now_unix() -> u64 {

@@ -679,9 +679,9 @@ pub fn remove(root: &Path, names: &[String]) -> Result<PruneReport> {
 pub fn run_merge(dir: &Path, out: &Path, compress: bool, json: bool) -> Result<()> {
     let r = merge(dir, out, compress)?;
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        crate::outln!("{}", serde_json::to_string(&r)?)?;
     } else {
-        println!(
+        crate::outln!(
             "{} written: standalone copy of {} (chain of {} image{}), {} pages, pack {} ({}), {} files copied",
             r.output,
             r.dir,
@@ -691,7 +691,7 @@ pub fn run_merge(dir: &Path, out: &Path, compress: bool, json: bool) -> Result<(
             super::show::bytes(r.pack_bytes),
             r.compression,
             r.files_copied
-        );
+        )?;
     }
     Ok(())
 }
@@ -704,23 +704,23 @@ pub fn run_prune(root: &Path, keep: Option<usize>, remove_names: &[String], json
         _ => bail!("give either --keep N or --remove NAME..."),
     };
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        crate::outln!("{}", serde_json::to_string(&r)?)?;
         return Ok(());
     }
     for n in &r.recovered {
-        println!("recovered {n}");
+        crate::outln!("recovered {n}")?;
     }
     for n in &r.skipped {
-        println!("skipped   {n}");
+        crate::outln!("skipped   {n}")?;
     }
     for n in &r.rebased {
-        println!("rebased   {n} (rewritten as standalone: its parent is removed)");
+        crate::outln!("rebased   {n} (rewritten as standalone: its parent is removed)")?;
     }
     for n in &r.removed {
-        println!("removed   {n}");
+        crate::outln!("removed   {n}")?;
     }
-    println!("kept      {}", if r.kept.is_empty() { "(none)".to_string() } else { r.kept.join(" ") });
-    println!("freed     {}", super::show::bytes(r.bytes_freed));
+    crate::outln!("kept      {}", if r.kept.is_empty() { "(none)".to_string() } else { r.kept.join(" ") })?;
+    crate::outln!("freed     {}", super::show::bytes(r.bytes_freed))?;
     Ok(())
 }
 

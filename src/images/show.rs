@@ -1,5 +1,4 @@
 //! `snap image show`: what an image holds.
-use std::fmt::Write as _;
 use super::dir::{is_pagemap_name, ImageReader};
 use super::pagestore::{BuildPageHasher, PageHash};
 use super::records::ProcessImage;
@@ -209,55 +208,49 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 pub fn run(dir: &Path, json: bool) -> Result<()> {
     let s = summarize(dir)?;
     if json {
-        return crate::cli::emit(&format!("{}\n", serde_json::to_string(&s)?));
+        return crate::outln!("{}", serde_json::to_string(&s)?);
     }
-    // Built whole, then written: `snap image show DIR | head` must end
-    // quietly when the reader goes away.
-    let mut o = String::new();
-    writeln!(o, "image          {}", s.dir)?;
-    writeln!(o, "format         version {} ({})", s.format_version, s.arch)?;
-    writeln!(o, "kernel         {}", s.kernel)?;
-    writeln!(o, "created        {} ({})", utc(s.created_unix), s.created_unix)?;
-    writeln!(o, "roots          {}", s.roots.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "))?;
+    crate::outln!("image          {}", s.dir)?;
+    crate::outln!("format         version {} ({})", s.format_version, s.arch)?;
+    crate::outln!("kernel         {}", s.kernel)?;
+    crate::outln!("created        {} ({})", utc(s.created_unix), s.created_unix)?;
+    crate::outln!("roots          {}", s.roots.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "))?;
     if !s.features.is_empty() {
-        writeln!(o, "features       {}", s.features.join(" "))?;
+        crate::outln!("features       {}", s.features.join(" "))?;
     }
     if !s.id.is_empty() {
-        writeln!(o, "id             {}", s.id)?;
+        crate::outln!("id             {}", s.id)?;
     }
     if !s.memory_backend.is_empty() {
-        writeln!(o, "memory read    {}", s.memory_backend)?;
+        crate::outln!("memory read    {}", s.memory_backend)?;
     }
     match &s.parent {
         Some(p) => {
-            writeln!(o, "parent         {p} (id {})", s.parent_id.as_deref().unwrap_or("?"))?;
+            crate::outln!("parent         {p} (id {})", s.parent_id.as_deref().unwrap_or("?"))?;
             let dirs: Vec<&str> = s.chain.iter().map(|c| c.dir.as_str()).collect();
-            writeln!(o, "chain          {} parent{}: {}", dirs.len(), if dirs.len() == 1 { "" } else { "s" }, dirs.join(" <- "))?;
-            writeln!(
-            o,
+            crate::outln!("chain          {} parent{}: {}", dirs.len(), if dirs.len() == 1 { "" } else { "s" }, dirs.join(" <- "))?;
+            crate::outln!(
                 "pages          {} used: {} stored here, {} from parents",
                 s.pages.referenced, s.pages.stored_here, s.pages.from_parents
             )?;
         }
         None => {
-            writeln!(o, "parent         none (standalone)")?;
-            writeln!(o, "pages          {} used, all stored here", s.pages.referenced)?;
+            crate::outln!("parent         none (standalone)")?;
+            crate::outln!("pages          {} used, all stored here", s.pages.referenced)?;
         }
     }
-    writeln!(
-            o,
+    crate::outln!(
         "page store     {} distinct pages ({}), {} stored, compression {}",
         s.page_store.distinct_pages,
         bytes(s.page_store.page_bytes),
         bytes(s.page_store.stored_bytes),
         s.page_store.compression
     )?;
-    writeln!(o, "files          {} ({} total)", s.files, bytes(s.total_bytes))?;
-    writeln!(o)?;
-    writeln!(o, "{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}", "PID", "PPID", "COMM", "THREADS", "VMAS", "FDS", "PAGES", "MEMORY")?;
+    crate::outln!("files          {} ({} total)", s.files, bytes(s.total_bytes))?;
+    crate::outln!()?;
+    crate::outln!("{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}", "PID", "PPID", "COMM", "THREADS", "VMAS", "FDS", "PAGES", "MEMORY")?;
     for p in &s.processes {
-        writeln!(
-            o,
+        crate::outln!(
             "{:>8} {:>8} {:<16} {:>7} {:>5} {:>4} {:>9} {:>10}",
             p.pid,
             opt(&p.ppid),
@@ -269,10 +262,10 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
             p.memory_bytes.map_or_else(|| "?".into(), bytes)
         )?;
         if let Some(e) = &p.error {
-            writeln!(o, "         error: {e}")?;
+            crate::outln!("         error: {e}")?;
         }
     }
-    crate::cli::emit(&o)
+    Ok(())
 }
 
 #[cfg(test)]

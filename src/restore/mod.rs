@@ -506,7 +506,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         std::fs::write(f, format!("{root_host}\n")).with_context(|| format!("writing {}", f.display()))?;
     }
     if a.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "pids": plan.procs.keys().collect::<Vec<_>>(),
@@ -515,7 +515,7 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
                 "pidns_init": init,
                 "seconds": t0.elapsed().as_secs_f64(),
             })
-        );
+        )?;
     }
     if a.detached {
         return Ok(0);
