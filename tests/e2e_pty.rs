@@ -44,7 +44,11 @@ impl Shell {
         let out = t.join("out");
         let o = fs::File::create(&out).unwrap();
         let mut cmd = Command::new(script);
+        // SHELL fixed: script runs `$SHELL -c CMD`; bash execs the command
+        // in place (bash leads the session), dash (/bin/sh, used when SHELL
+        // is unset, as under CI) forks it and stays as session leader.
         cmd.args(["-qfec", "bash --norc --noprofile -i", "/dev/null"])
+            .env("SHELL", "/bin/bash")
             .env("TERM", "dumb")
             .env("PS1", "$ ")
             .env("HISTFILE", "/dev/null")
