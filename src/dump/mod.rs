@@ -124,16 +124,54 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     if roots.iter().any(|p| p.0 == std::process::id() as i32) {
         bail!("refusing to dump snap itself");
     }
-    // The parent is opened and checked (with its own parents) before the
-    // processes are touched: a broken chain fails here.
-    let parent = match &a.prev_images_dir {
-        Some(d) => Some(ImageReader::open(d).with_context(|| format!("--prev-images-dir {}", d.display()))?),
-        None => None,
-    };
+    // Everything the parent can tell is loaded before the processes stop:
+    // the parent chain is opened and checked (a broken chain fails here,
+    // before the processes are touched), its processes' records and page
+    // map spans read, in a thread of its own; meanwhile this one reads the
+    // roots' VmFlags and faults in the staging buffer. Neither depends on
+    // the other, and both cost wall time only.
+    let (parent, mut parent_procs, mut early_flags, mut staging) = std::thread::scope(|s| -> Result<_> {
+        let chain = a.prev_images_dir.as_deref().map(|d| {
+            std::thread::Builder::new()
+                .name("snap-parent".into())
+                .spawn_scoped(s, move || -> Result<(ImageReader, ParentProcs)> {
+                    let r = ImageReader::open(d).with_context(|| format!("--prev-images-dir {}", d.display()))?;
+                    let procs = parent_processes(&r)?;
+                    crate::images::dir::timing("dump: parent's processes read");
+                    Ok((r, procs))
+                })
+                .context("starting the thread that opens the parent image")
+        });
+        // VmFlags of the roots (see `mm::vm_flags`), while they still run.
+        let flags: BTreeMap<Pid, mm::VmFlags> =
+            roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
+        crate::images::dir::timing("dump: roots' VmFlags read");
+        // Staging for the pages an incremental dump with tracking copies out
+        // while the processes are stopped (hashed and stored once they run
+        // again), touched now, while they still run: faulting in fresh
+        // memory is slow on these VMs. Sized from the pages written so far.
+        let mut staging: Vec<u8> = Vec::new();
+        if let (true, Some(h), Some(_)) = (a.leave_running, &held, &a.prev_images_dir) {
+            if h.backend == track::UFFD_WP {
+                let est: u64 = h.procs.keys().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
+                staging = prefaulted(((est + est / 4) as usize + (1 << 20)).min(STAGE_MAX));
+            }
+        }
+        crate::images::dir::timing("dump: staging faulted in");
+        let (parent, procs) = match chain {
+            Some(t) => {
+                let (r, procs) = t?.join().map_err(|_| anyhow::anyhow!("the thread opening the parent image panicked"))??;
+                (Some(r), procs)
+            }
+            None => (None, BTreeMap::new()),
+        };
+        Ok((parent, procs, flags, staging))
+    })?;
     if let (Some(h), Some(p)) = (&held, &parent) {
         if h.generation != p.inventory().id {
             // Armed by another dump: it says nothing about this parent.
             held = None;
+            staging = Vec::new();
         }
     }
     let track_backend = match (a.track_mem, a.leave_running) {
@@ -147,29 +185,10 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let mut armed = BTreeMap::new();
     let stopped_for;
     let stored;
-    // Everything the parent can tell is loaded before the processes stop.
     let mut w = ImageWriter::create(&a.dir, a.compress)?;
-    let mut parent_procs = BTreeMap::new();
     if let Some(r) = &parent {
-        w.pages().know(r.pages()?.hashes());
-        crate::images::dir::timing("dump: parent's page hashes known");
-        parent_procs = parent_processes(r)?;
-        crate::images::dir::timing("dump: parent's processes read");
-    }
-    // VmFlags of the roots (see `mm::vm_flags`), while they still run.
-    let mut early_flags: BTreeMap<Pid, mm::VmFlags> =
-        roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
-    crate::images::dir::timing("dump: roots' VmFlags read");
-    // Staging for the pages an incremental dump with tracking copies out
-    // while the processes are stopped (hashed and stored once they run
-    // again), touched now, while they still run: faulting in fresh memory
-    // is slow on these VMs. Sized from the pages written so far.
-    let mut staging: Vec<u8> = Vec::new();
-    if let (true, Some(h), Some(_)) = (a.leave_running, &held, &parent) {
-        if h.backend == track::UFFD_WP {
-            let est: u64 = h.procs.keys().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
-            staging = prefaulted(((est + est / 4) as usize + (1 << 20)).min(STAGE_MAX));
-        }
+        // The chain's page indexes, shared: its pages are not stored again.
+        w.pages().know(&r.pages()?);
     }
     let mut pending: Vec<ProcDone> = Vec::new();
     crate::images::dir::timing("dump: parent loaded");

@@ -437,7 +437,8 @@ impl ImageReader {
         for mf in &manifest.files {
             let (mut f, size) = open_in(dir, &mf.name)?;
             ensure!(size == mf.size, "image file {}: size {size}, manifest says {}", mf.name, mf.size);
-            if !compressed && mf.name == ps.pack {
+            // The index is read (and checked) once, just below.
+            if (!compressed && mf.name == ps.pack) || mf.name == ps.index {
                 continue;
             }
             let (n, x) = hash_file(&mut f, &mf.name)?;
@@ -456,7 +457,7 @@ impl ImageReader {
         // contents are checked page by page as they are used (every page's
         // name is its xxh3-128), which costs no pass of its own. Its
         // manifest checksum remains for `verify_pack`.
-        let store = PageStoreReader::load(&dir.join(&ps.pack), compressed, &index)
+        let store = PageStoreReader::load(&dir.join(&ps.pack), compressed, index)
             .with_context(|| format!("page store {}", ps.pack))?;
         let chain = ChainStore::new(vec![store.clone()]);
         Ok(Self { dir: dir.to_path_buf(), inv, manifest, files, store, parent: None, chain })

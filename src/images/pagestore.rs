@@ -17,7 +17,7 @@
 
 use crate::sys::mapping::FileMap;
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{Read, Write};
@@ -272,8 +272,9 @@ enum Output {
 
 pub struct PageStoreWriter {
     seen: HashSet<PageHash, BuildPageHasher>,
-    /// Pages the parent chain already stores: referenced, never stored again.
-    known: HashSet<PageHash, BuildPageHasher>,
+    /// The parent chain's stores: their pages are referenced, never stored
+    /// again (their indexes are shared, not copied).
+    known: Vec<PageStoreReader>,
     order: Vec<PageHash>,
     buf: Vec<u8>,
     out: Output,
@@ -293,7 +294,7 @@ impl PageStoreWriter {
         };
         Ok(Self {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
-            known: HashSet::with_hasher(BuildPageHasher::default()),
+            known: Vec::new(),
             order: Vec::new(),
             buf: Vec::new(),
             out: Output::Pending(sink),
@@ -306,7 +307,7 @@ impl PageStoreWriter {
     pub fn discard() -> Self {
         Self {
             seen: HashSet::with_hasher(BuildPageHasher::default()),
-            known: HashSet::with_hasher(BuildPageHasher::default()),
+            known: Vec::new(),
             order: Vec::new(),
             buf: Vec::new(),
             out: Output::Discard,
@@ -329,13 +330,17 @@ impl PageStoreWriter {
     /// True if a page with this hash is already stored, here or in the
     /// parent chain (`know`).
     pub fn contains(&self, hash: PageHash) -> bool {
-        self.seen.contains(&hash) || self.known.contains(&hash)
+        self.seen.contains(&hash) || self.knows(hash)
+    }
+
+    fn knows(&self, hash: PageHash) -> bool {
+        self.known.iter().any(|s| s.contains(hash))
     }
 
     /// Pages an incremental image's parents already hold: `add_pages`
     /// references them without storing them again.
-    pub fn know(&mut self, hashes: impl IntoIterator<Item = PageHash>) {
-        self.known.extend(hashes);
+    pub fn know(&mut self, chain: &ChainStore) {
+        self.known.extend(chain.stores().iter().cloned());
     }
 
     /// Add `data` (a multiple of 4096 bytes) whose first page is at virtual
@@ -367,7 +372,7 @@ impl PageStoreWriter {
             } else {
                 let h = hash_page(page);
                 map.push((addr, h));
-                if !self.known.contains(&h) && self.seen.insert(h) {
+                if !self.knows(h) && self.seen.insert(h) {
                     self.order.push(h);
                     self.stats.stored_pages += 1;
                     if keep {
@@ -460,9 +465,8 @@ impl Backing {
 
 struct StoreInner {
     data: Backing,
-    index: HashMap<PageHash, u32, BuildPageHasher>,
-    /// The hash of each page of the pack, by position (`pages.idx`).
-    order: Vec<PageHash>,
+    /// The hash of each page of the pack, by position, and the lookup.
+    index: HashIndex,
     compressed: bool,
     pack_file_bytes: u64,
 }
@@ -482,26 +486,83 @@ fn map_file(file: &File, len: usize, what: &Path) -> Result<Backing> {
     Ok(Backing::Mapped(m))
 }
 
-/// Parse `pages.idx`: 16-byte LE hashes, no duplicates. Returns the map
-/// hash -> position and the hashes by position.
-fn parse_index(index: &[u8]) -> Result<(HashMap<PageHash, u32, BuildPageHasher>, Vec<PageHash>)> {
-    ensure!(
-        index.len() % INDEX_ENTRY_SIZE == 0,
-        "{INDEX_NAME}: length {} is not a multiple of {INDEX_ENTRY_SIZE}",
-        index.len()
-    );
-    let n = index.len() / INDEX_ENTRY_SIZE;
-    ensure!(n <= u32::MAX as usize, "{INDEX_NAME}: {n} pages is too many");
-    let mut map = HashMap::with_capacity_and_hasher(n, BuildPageHasher::default());
-    let mut order = Vec::with_capacity(n);
-    for (i, e) in index.as_chunks::<INDEX_ENTRY_SIZE>().0.iter().enumerate() {
-        let h = u128::from_le_bytes(*e);
-        if map.insert(h, i as u32).is_some() {
-            bail!("{INDEX_NAME}: page hash {h:032x} appears twice (entry {i})");
+/// A loaded store's index: page hash -> position in the pack. The bytes
+/// of `pages.idx` as read stay the list of hashes by position, and an
+/// open-addressing table (linear probing, at most half full) holds only
+/// positions: 4 bytes a slot, about 8 bytes a page, where a
+/// `HashMap<u128, u32>` takes about 64 bytes a page. Loading a chain's
+/// stores is most of what an incremental dump does before it stops the
+/// processes, and on these VMs the fresh memory is what costs (a full
+/// image of 1 GiB lists a quarter million pages).
+struct HashIndex {
+    /// `pages.idx`: the hash of page `i` in bytes `16 i .. 16 i + 16`, LE.
+    bytes: Vec<u8>,
+    /// Position of a page, or `EMPTY`; a hash's first slot is its low bits.
+    slots: Vec<u32>,
+    mask: usize,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl HashIndex {
+    /// Parse `pages.idx`: 16-byte LE hashes, no duplicates.
+    fn parse(bytes: Vec<u8>) -> Result<Self> {
+        ensure!(
+            bytes.len() % INDEX_ENTRY_SIZE == 0,
+            "{INDEX_NAME}: length {} is not a multiple of {INDEX_ENTRY_SIZE}",
+            bytes.len()
+        );
+        let n = bytes.len() / INDEX_ENTRY_SIZE;
+        ensure!(n < EMPTY as usize, "{INDEX_NAME}: {n} pages is too many");
+        let size = (2 * n).next_power_of_two().max(16);
+        let mut me = Self { slots: vec![EMPTY; size], mask: size - 1, bytes };
+        for i in 0..n {
+            let h = me.hash_at(i);
+            match me.probe(h) {
+                Ok(_) => bail!("{INDEX_NAME}: page hash {h:032x} appears twice (entry {i})"),
+                Err(free) => me.slots[free] = i as u32,
+            }
         }
-        order.push(h);
+        Ok(me)
     }
-    Ok((map, order))
+
+    fn empty() -> Self {
+        Self { bytes: Vec::new(), slots: vec![EMPTY; 1], mask: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len() / INDEX_ENTRY_SIZE
+    }
+
+    /// The hash of page `i` (< `len`).
+    #[inline]
+    fn hash_at(&self, i: usize) -> PageHash {
+        let (c, _) = self.bytes[i * INDEX_ENTRY_SIZE..].as_chunks::<INDEX_ENTRY_SIZE>();
+        u128::from_le_bytes(c[0])
+    }
+
+    /// `Ok(position)` of `h`, or `Err(free slot)` where it would go.
+    #[inline]
+    fn probe(&self, h: PageHash) -> std::result::Result<usize, usize> {
+        let mut s = ((h as u64) ^ ((h >> 64) as u64)) as usize & self.mask;
+        loop {
+            match self.slots[s] {
+                EMPTY => return Err(s),
+                p if self.hash_at(p as usize) == h => return Ok(p as usize),
+                _ => s = (s + 1) & self.mask,
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, h: PageHash) -> Option<usize> {
+        self.probe(h).ok()
+    }
+
+    /// Every hash, by position.
+    fn hashes(&self) -> impl Iterator<Item = PageHash> + '_ {
+        self.bytes.as_chunks::<INDEX_ENTRY_SIZE>().0.iter().map(|c| u128::from_le_bytes(*c))
+    }
 }
 
 impl PageStoreReader {
@@ -512,8 +573,8 @@ impl PageStoreReader {
     /// page bytes (`page`, `verified`) hashes them and compares with the
     /// page's name first, so a damaged pack gives an error, never wrong
     /// memory, and costs no separate pass over the file.
-    pub fn load(pack_path: &Path, compressed: bool, index: &[u8]) -> Result<Self> {
-        let (idx, order) = parse_index(index)?;
+    pub fn load(pack_path: &Path, compressed: bool, index: Vec<u8>) -> Result<Self> {
+        let idx = HashIndex::parse(index)?;
         let want = (idx.len() as u64)
             .checked_mul(PAGE_SIZE as u64)
             .context("page store size overflows")?;
@@ -550,7 +611,7 @@ impl PageStoreReader {
             let len = usize::try_from(want).context("page pack larger than the address space")?;
             map_file(&file, len, pack_path)?
         };
-        Ok(Self { inner: Arc::new(StoreInner { data, index: idx, order, compressed, pack_file_bytes: file_len }) })
+        Ok(Self { inner: Arc::new(StoreInner { data, index: idx, compressed, pack_file_bytes: file_len }) })
     }
 
     /// A store with no pages.
@@ -558,8 +619,7 @@ impl PageStoreReader {
         Self {
             inner: Arc::new(StoreInner {
                 data: Backing::Empty,
-                index: HashMap::with_hasher(BuildPageHasher::default()),
-                order: Vec::new(),
+                index: HashIndex::empty(),
                 compressed: false,
                 pack_file_bytes: 0,
             }),
@@ -589,8 +649,9 @@ impl PageStoreReader {
             .get(off..off.checked_add(len).context("page store range overflows")?)
             .with_context(|| format!("page store range {off:#x}+{len:#x} is beyond the pack"))?;
         let first = off / PAGE_SIZE;
-        let names = self.inner.order.get(first..first + len / PAGE_SIZE).context("page store range beyond the index")?;
-        for ((i, p), &h) in data.as_chunks::<PAGE_SIZE>().0.iter().enumerate().zip(names) {
+        ensure!(first + len / PAGE_SIZE <= self.inner.index.len(), "page store range beyond the index");
+        let names = (first..).map(|i| self.inner.index.hash_at(i));
+        for ((i, p), h) in data.as_chunks::<PAGE_SIZE>().0.iter().enumerate().zip(names) {
             if hash_page(p) != h {
                 bail!(
                     "page store damaged: page {} of the pack does not hash to its name {h:032x}",
@@ -602,7 +663,7 @@ impl PageStoreReader {
     }
 
     pub fn contains(&self, hash: PageHash) -> bool {
-        self.inner.index.contains_key(&hash)
+        self.inner.index.get(hash).is_some()
     }
 
     /// Number of distinct pages.
@@ -611,7 +672,7 @@ impl PageStoreReader {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.index.is_empty()
+        self.inner.index.len() == 0
     }
 
     pub fn compressed(&self) -> bool {
@@ -631,7 +692,7 @@ impl PageStoreReader {
 
     /// Re-hash every page and compare with its key (slow, full pass).
     pub fn verify_pages(&self) -> Result<()> {
-        self.verified(0, self.inner.order.len() * PAGE_SIZE).map(|_| ())
+        self.verified(0, self.inner.index.len() * PAGE_SIZE).map(|_| ())
     }
 }
 
@@ -674,6 +735,33 @@ mod tests {
         assert!(w.add_pages(u64::MAX - 4095, &data[..8192], &mut map).is_err());
     }
 
+    /// The index finds every page at its position, misses hashes it does
+    /// not hold (also ones whose first slot is taken) and refuses
+    /// duplicates and odd lengths.
+    #[test]
+    fn hash_index_lookups_and_duplicates() {
+        let hashes: Vec<PageHash> = (0..1000u128).map(|i| hash_page(&page(i as u8)) ^ (i << 70)).collect();
+        let mut bytes = Vec::new();
+        for h in &hashes {
+            bytes.extend_from_slice(&h.to_le_bytes());
+        }
+        let idx = HashIndex::parse(bytes.clone()).unwrap();
+        assert_eq!(idx.len(), 1000);
+        for (i, &h) in hashes.iter().enumerate() {
+            assert_eq!(idx.get(h), Some(i));
+        }
+        // Same low bits as a held hash (same first slot), different high bits.
+        assert_eq!(idx.get(hashes[7] ^ (1 << 100)), None);
+        assert_eq!(idx.get(0), None);
+        assert_eq!(idx.hashes().collect::<Vec<_>>(), hashes);
+        let mut dup = bytes.clone();
+        dup.extend_from_slice(&hashes[3].to_le_bytes());
+        let e = HashIndex::parse(dup).err().expect("duplicate refused").to_string();
+        assert!(e.contains("twice (entry 1000)"), "{e}");
+        assert!(HashIndex::parse(bytes[..100].to_vec()).is_err(), "odd length");
+        assert_eq!(HashIndex::parse(Vec::new()).unwrap().get(5), None);
+    }
+
     /// A damaged pack loads (sizes are right) but hands out no damaged
     /// page: `page`, `verified` and `verify_pages` all fail, naming it.
     #[test]
@@ -692,14 +780,14 @@ mod tests {
         let s = w.finish().unwrap();
         assert_eq!(s.pages, 8);
         assert_eq!(s.pack_xxh3, xxhash_rust::xxh3::xxh3_64(&data));
-        let r = PageStoreReader::load(&path, false, &s.index).unwrap();
+        let r = PageStoreReader::load(&path, false, s.index.clone()).unwrap();
         assert_eq!(r.verified(0, 8 * PAGE_SIZE).unwrap(), &data[..]);
         r.verify_pages().unwrap();
         drop(r);
         let mut b = std::fs::read(&path).unwrap();
         b[5 * PAGE_SIZE + 100] ^= 0x40;
         std::fs::write(&path, &b).unwrap();
-        let r = PageStoreReader::load(&path, false, &s.index).unwrap();
+        let r = PageStoreReader::load(&path, false, s.index.clone()).unwrap();
         assert!(r.page(map[4].1).is_ok());
         let e = format!("{:#}", r.page(map[5].1).unwrap_err());
         assert!(e.contains("page 5 "), "{e}");
@@ -784,8 +872,8 @@ impl ChainStore {
     /// (which store, byte offset in it) of a page, nearest store first.
     pub fn locate(&self, hash: PageHash) -> Result<(usize, usize)> {
         for (i, s) in self.stores.iter().enumerate() {
-            if let Some(&k) = s.inner.index.get(&hash) {
-                return Ok((i, k as usize * PAGE_SIZE));
+            if let Some(k) = s.inner.index.get(hash) {
+                return Ok((i, k * PAGE_SIZE));
             }
         }
         bail!("page {hash:032x} is in no page store of the image or its parents")
@@ -808,7 +896,7 @@ impl ChainStore {
 
     /// Every page hash the chain holds.
     pub fn hashes(&self) -> impl Iterator<Item = PageHash> + '_ {
-        self.stores.iter().flat_map(|s| s.inner.order.iter().copied())
+        self.stores.iter().flat_map(|s| s.inner.index.hashes())
     }
 
     pub fn stores(&self) -> &[PageStoreReader] {
@@ -820,7 +908,7 @@ impl PageStoreReader {
     /// Offset of a page inside `bytes()`: restore widens runs of pages that
     /// are adjacent in the pack into one slice for `process_vm_writev`.
     pub fn page_offset(&self, hash: PageHash) -> Result<usize> {
-        let i = *self.inner.index.get(&hash).with_context(|| format!("page {hash:032x} is not in the page store"))?;
-        Ok(i as usize * PAGE_SIZE)
+        let i = self.inner.index.get(hash).with_context(|| format!("page {hash:032x} is not in the page store"))?;
+        Ok(i * PAGE_SIZE)
     }
 }

@@ -785,7 +785,7 @@ mod tests {
         let mut w = ImageWriter::create(&dir, compress).unwrap();
         let pr = parent.map(|p| ImageReader::open(&root.join(p)).unwrap());
         if let Some(pr) = &pr {
-            w.pages().know(pr.pages().unwrap().hashes());
+            w.pages().know(&pr.pages().unwrap());
         }
         let mut mem = Vec::new();
         for &s in seeds {
