@@ -6,7 +6,10 @@
 # its turn in every round, so two builds are compared in the same run, on
 # the same process and chain:
 #   bench/incr-profile.sh [SNAP_BIN...]
-# Prints per binary the median wall ("seconds") and stopped time, and the
+# Prints per binary the median wall ("seconds" of --json: from the start of
+# the dump proper to the image complete), stopped time and the whole
+# command's wall time (process start, taking the tracking from its holder,
+# handing it to a new holder), and the
 # median milliseconds of each SNAP_TIMING phase (time since the phase
 # before). Images on /dev/shm. Takes the e2e test lock.
 set -euo pipefail
@@ -40,10 +43,12 @@ for r in $(seq "$ROUNDS"); do
         kill -USR1 "$PID"
         wait_file "$st/round"
         n=$((n + 1))
+        t0=$EPOCHREALTIME
         SNAP_TIMING=1 "${BINS[$b]}" dump -t "$PID" -D "$WORK/img$n" --leave-running --track-mem \
             --prev-images-dir "$WORK/img$((n - 1))" --json >"$WORK/j$n" 2>"$WORK/t$n" || { cat "$WORK/t$n" >&2; exit 1; }
+        t1=$EPOCHREALTIME
         [ "$(field backend <"$WORK/j$n")" = uffd-wp ] || { echo "round $n did not use uffd-wp: $(cat "$WORK/j$n")" >&2; exit 1; }
-        echo "$b $(field seconds <"$WORK/j$n") $(field stopped_seconds <"$WORK/j$n")" >>"$WORK/sum"
+        echo "$b $(field seconds <"$WORK/j$n") $(field stopped_seconds <"$WORK/j$n") $(awk "BEGIN { print $t1 - $t0 }")" >>"$WORK/sum"
         awk -v b="$b" '/^snap timing:/ { ms = $3; lab = $0; sub(/.*ms\)  /, "", lab); gsub(/[0-9]+\.[0-9]+ ms/, "# ms", lab); if (seen[lab]++) lab = lab " (" seen[lab] ")"; printf "%s\t%s\t%.3f\n", b, lab, ms - prev; prev = ms }' "$WORK/t$n" >>"$WORK/phases"
     done
 done
@@ -55,12 +60,15 @@ print(f"load average now: {open('/proc/loadavg').read().split()[:3]}")
 for b, name in enumerate(bins):
     w = [float(r[1]) for r in rows if r[0] == str(b)]
     s = [float(r[2]) for r in rows if r[0] == str(b)]
-    print(f"[{b}] {name}: median wall {st.median(w)*1e3:.1f} ms (min {min(w)*1e3:.1f}), stopped {st.median(s)*1e3:.1f} ms, n={len(w)}")
+    c = [float(r[3]) for r in rows if r[0] == str(b)]
+    print(f"[{b}] {name}: median wall {st.median(w)*1e3:.1f} ms (min {min(w)*1e3:.1f}), stopped {st.median(s)*1e3:.1f} ms, whole command {st.median(c)*1e3:.1f} ms, n={len(w)}")
 if len(bins) > 1:
     w0 = st.median([float(r[1]) for r in rows if r[0] == '0'])
     for b in range(1, len(bins)):
         wb = st.median([float(r[1]) for r in rows if r[0] == str(b)])
-        print(f"wall ratio [{b}]/[0]: {wb / w0:.3f}")
+        c0 = st.median([float(r[3]) for r in rows if r[0] == '0'])
+        cb = st.median([float(r[3]) for r in rows if r[0] == str(b)])
+        print(f"wall ratio [{b}]/[0]: {wb / w0:.3f}; whole command {cb / c0:.3f}")
 per = {}
 order = []
 for l in open(phases):
