@@ -48,7 +48,7 @@ for r in $(seq "$ROUNDS"); do
             --prev-images-dir "$WORK/img$((n - 1))" --json >"$WORK/j$n" 2>"$WORK/t$n" || { cat "$WORK/t$n" >&2; exit 1; }
         t1=$EPOCHREALTIME
         [ "$(field backend <"$WORK/j$n")" = uffd-wp ] || { echo "round $n did not use uffd-wp: $(cat "$WORK/j$n")" >&2; exit 1; }
-        echo "$b $(field seconds <"$WORK/j$n") $(field stopped_seconds <"$WORK/j$n") $(awk "BEGIN { print $t1 - $t0 }")" >>"$WORK/sum"
+        echo "$b $(field seconds <"$WORK/j$n") $(field stopped_seconds <"$WORK/j$n") $(awk "BEGIN { print $t1 - $t0 }") $(field pages_read <"$WORK/j$n") $(field pages_stored <"$WORK/j$n") $(du -sb "$WORK/img$n" | cut -f1)" >>"$WORK/sum"
         awk -v b="$b" '/^snap timing:/ { ms = $3; lab = $0; sub(/.*ms\)  /, "", lab); gsub(/[0-9]+\.[0-9]+ ms/, "# ms", lab); if (seen[lab]++) lab = lab " (" seen[lab] ")"; printf "%s\t%s\t%.3f\n", b, lab, ms - prev; prev = ms }' "$WORK/t$n" >>"$WORK/phases"
     done
 done
@@ -61,6 +61,10 @@ for b, name in enumerate(bins):
     w = [float(r[1]) for r in rows if r[0] == str(b)]
     s = [float(r[2]) for r in rows if r[0] == str(b)]
     c = [float(r[3]) for r in rows if r[0] == str(b)]
+    pr = [int(r[4]) for r in rows if r[0] == str(b)]
+    ps = [int(r[5]) for r in rows if r[0] == str(b)]
+    ib = [int(r[6]) for r in rows if r[0] == str(b)]
+    print(f"[{b}] pages read {st.median(pr)}, stored {st.median(ps)}, image {st.median(ib)/1e6:.2f} MB (medians)")
     print(f"[{b}] {name}: median wall {st.median(w)*1e3:.1f} ms (min {min(w)*1e3:.1f}), stopped {st.median(s)*1e3:.1f} ms, whole command {st.median(c)*1e3:.1f} ms, n={len(w)}")
 if len(bins) > 1:
     w0 = st.median([float(r[1]) for r in rows if r[0] == '0'])

@@ -43,15 +43,29 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         Some(d) => take_tracking(d),
         None => None,
     };
+    // The holder of the tracking this dump will arm is started first, so
+    // that its start runs beside the dump (the image's id, which names its
+    // socket, is drawn now for it). Not for --cgroup: snap may sit in the
+    // cgroup it is about to freeze, and moves out of it first.
+    let early = if a.track_mem && a.leave_running && a.cgroup.is_none() && track::backend().is_some() {
+        let id = new_image_id()?;
+        track::holder::start(&id).ok().map(|h| (id, h))
+    } else {
+        None
+    };
     let out = match &a.cgroup {
         Some(path) => {
             let (args, frozen) = cgroup::freeze_members(a, path)?;
             run_frozen(&args, held, Some(frozen))?
         }
-        None => run_with(a, held)?,
+        None => run_inner(a, held, None, early.as_ref().map(|e| e.0.clone()))?,
     };
     if let Some(set) = out.tracking {
-        if let Err(e) = track::holder::spawn(&set) {
+        let kept = match early {
+            Some((id, h)) if id == set.generation => h.hand(&set),
+            _ => track::holder::spawn(&set),
+        };
+        if let Err(e) = kept {
             eprintln!("snap: warning: dirty tracking not kept ({e:#}); the next incremental dump reads every page");
         }
     }
@@ -103,11 +117,16 @@ pub type Barrier = Box<dyn std::any::Any>;
 /// `run_with` for processes the caller froze: `barrier` is released once
 /// every thread is seized (or when the dump fails before).
 pub fn run_frozen(a: &DumpArgs, held: Option<TrackSet>, barrier: Option<Barrier>) -> Result<DumpOutcome> {
+    run_inner(a, held, barrier, None)
+}
+
+/// `run_frozen` writing an image with the given id (else a fresh one).
+fn run_inner(a: &DumpArgs, held: Option<TrackSet>, barrier: Option<Barrier>, id: Option<String>) -> Result<DumpOutcome> {
     let existed = a.dir.exists();
     // A directory that already holds something is refused by the writer;
     // its files are the user's, never cleaned up here.
     let ours = !existed || std::fs::read_dir(&a.dir).is_ok_and(|mut rd| rd.next().is_none());
-    let r = dump(a, held, barrier);
+    let r = dump(a, held, barrier, id);
     if r.is_err() && ours {
         // Never leave a half-written image behind: it would only mislead.
         remove_partial(&a.dir, existed);
@@ -125,7 +144,7 @@ fn remove_partial(dir: &std::path::Path, existed: bool) {
     }
 }
 
-fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> Result<DumpOutcome> {
+fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: Option<String>) -> Result<DumpOutcome> {
     let t0 = Instant::now();
     let roots: Vec<Pid> = a.tree.iter().map(|&p| Pid(p)).collect();
     if roots.iter().any(|p| p.0 == std::process::id() as i32) {
@@ -134,9 +153,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     // Everything the parent can tell is loaded before the processes stop:
     // the parent chain is opened and checked (a broken chain fails here,
     // before the processes are touched), its processes' records and page
-    // map spans read, in a thread of its own; meanwhile this one reads the
-    // roots' VmFlags and faults in the staging buffer. Neither depends on
-    // the other, and both cost wall time only.
+    // map spans read, in a thread of its own; another faults in the staging
+    // buffer, and this one reads the roots' VmFlags. None depends on the
+    // others, and all cost wall time only.
     let (parent, mut parent_procs, mut early_flags, mut staging) = std::thread::scope(|s| -> Result<_> {
         let chain = a.prev_images_dir.as_deref().map(|d| {
             std::thread::Builder::new()
@@ -149,22 +168,31 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
                 })
                 .context("starting the thread that opens the parent image")
         });
-        // VmFlags of the roots (see `mm::vm_flags`), while they still run.
-        let flags: BTreeMap<Pid, mm::VmFlags> =
-            roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
-        crate::images::dir::timing("dump: roots' VmFlags read");
         // Staging for the pages an incremental dump with tracking copies out
         // while the processes are stopped (hashed and stored once they run
         // again), touched now, while they still run: faulting in fresh
         // memory is slow on these VMs. Sized from the pages written so far.
-        let mut staging: Vec<u8> = Vec::new();
-        if let (true, Some(h), Some(_)) = (a.leave_running, &held, &a.prev_images_dir) {
-            if h.backend == track::UFFD_WP {
-                let est: u64 = h.procs.keys().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
-                staging = prefaulted(((est + est / 4) as usize + (1 << 20)).min(STAGE_MAX));
+        let stage = match (a.leave_running, &held, &a.prev_images_dir) {
+            (true, Some(h), Some(_)) if h.backend == track::UFFD_WP => {
+                let pids: Vec<Pid> = h.procs.keys().copied().collect();
+                let t = std::thread::Builder::new().name("snap-staging".into()).spawn_scoped(s, move || {
+                    let est: u64 = pids.iter().map(|&p| track::written_bytes(p).unwrap_or(0)).sum();
+                    let v = prefaulted(((est + est / 4) as usize + (1 << 20)).min(STAGE_MAX));
+                    crate::images::dir::timing("dump: staging faulted in");
+                    v
+                });
+                Some(t.context("starting the thread that prepares the staging buffer"))
             }
-        }
-        crate::images::dir::timing("dump: staging faulted in");
+            _ => None,
+        };
+        // VmFlags of the roots (see `mm::vm_flags`), while they still run.
+        let flags: BTreeMap<Pid, mm::VmFlags> =
+            roots.iter().filter_map(|&p| mm::vm_flags(p).ok().map(|f| (p, f))).collect();
+        crate::images::dir::timing("dump: roots' VmFlags read");
+        let staging = match stage {
+            Some(t) => t?.join().map_err(|_| anyhow::anyhow!("the thread preparing the staging buffer panicked"))?,
+            None => Vec::new(),
+        };
         let (parent, procs) = match chain {
             Some(t) => {
                 let (r, procs) = t?.join().map_err(|_| anyhow::anyhow!("the thread opening the parent image panicked"))??;
@@ -439,7 +467,10 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     for (name, data) in blobs {
         w.write_bytes(&name, &data)?;
     }
-    let id = new_image_id()?;
+    let id = match id {
+        Some(id) => id,
+        None => new_image_id()?,
+    };
     let backend = match (&parent, &held) {
         (None, _) => "full",
         (Some(_), None) => "hash",

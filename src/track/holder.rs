@@ -85,13 +85,28 @@ fn recv_set(sock: &OwnedFd) -> Result<TrackSet> {
 
 /// Start a holder for `set` and wait until it listens. Returns its socket.
 pub fn spawn(set: &TrackSet) -> Result<PathBuf> {
+    start(&set.generation)?.hand(set)
+}
+
+/// A holder started ahead of the dump whose tracking it will hold (for
+/// the image `generation`), so that its start (exec, loading snap) runs
+/// beside the dump instead of after it. It waits for its set on a socket
+/// pair; dropped without [`Starting::hand`], it is killed and reaped.
+pub struct Starting {
+    sock: OwnedFd,
+    child: Option<std::process::Child>,
+    generation: String,
+}
+
+/// Start the holder of the tracking a dump of image `generation` will arm.
+pub fn start(generation: &str) -> Result<Starting> {
     std::fs::create_dir_all(DIR).with_context(|| format!("creating {DIR}"))?;
-    let path = socket_path(&set.generation);
+    let path = socket_path(generation);
     let (ours, theirs) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .context("socketpair for the tracking holder")?;
     let exe = std::env::current_exe().context("finding snap's own binary")?;
     use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(&exe)
+    let child = std::process::Command::new(&exe)
         .arg("__track-holder")
         .arg(&path)
         .stdin(std::process::Stdio::from(theirs))
@@ -100,16 +115,36 @@ pub fn spawn(set: &TrackSet) -> Result<PathBuf> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting the tracking holder ({})", exe.display()))?;
-    send_set(ours.as_fd(), set)?;
-    let (reply, _) = crate::sys::recv_msg(&ours, 256, 0)?;
-    if reply != b"ok" {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the tracking holder did not start: {}", String::from_utf8_lossy(&reply));
+    Ok(Starting { sock: ours, child: Some(child), generation: generation.to_string() })
+}
+
+impl Starting {
+    /// Hand `set` over and wait until the holder listens. Returns its socket.
+    pub fn hand(mut self, set: &TrackSet) -> Result<PathBuf> {
+        ensure!(
+            set.generation == self.generation,
+            "tracking of image {} handed to the holder started for image {}",
+            set.generation,
+            self.generation
+        );
+        send_set(self.sock.as_fd(), set)?;
+        let (reply, _) = crate::sys::recv_msg(&self.sock, 256, 0)?;
+        if reply != b"ok" {
+            bail!("the tracking holder did not start: {}", String::from_utf8_lossy(&reply));
+        }
+        // Not waited for: it outlives this dump (reparented to init).
+        self.child = None;
+        Ok(socket_path(&self.generation))
     }
-    // Not waited for: it outlives this dump (reparented to init).
-    drop(child);
-    Ok(path)
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Take the tracking from the holder of image `generation`, if it is still
