@@ -132,6 +132,11 @@ pub struct DumpArgs {
     /// is refused.
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Dump established TCP connections (TCP repair; their packets are
+    /// dropped by an nftables table until restore); without it they are
+    /// refused.
+    #[arg(long)]
+    pub tcp_established: bool,
     /// Compress page packs with zstd.
     #[arg(long)]
     pub compress: bool,

@@ -725,6 +725,7 @@ impl Supervisor {
             // restoring such an image needs --shell-job.
             shell_job: true,
             ext_unix_sk: false,
+            tcp_established: false,
             compress,
             track_mem: true,
             prev_images_dir: prev,

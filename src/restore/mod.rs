@@ -482,6 +482,13 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         }
         Ok(())
     })();
+    // 6b. TCP connections leave repair mode only now that every process
+    //     is ready: a restore that failed before closed them still in
+    //     repair mode, which the peers never see.
+    let res = res.and_then(|()| {
+        crate::kinds::tcp::leave_repair(&plan.files, &|id| pool.file(id), &|name| img.read_bytes(name))
+            .context("TCP connections leaving repair mode")
+    });
     if let Err(e) = res {
         detach_all(&attached);
         return Err(e);
@@ -499,6 +506,12 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     }
     detach_all(&attached);
     drop(pool);
+    // The connections are back: their packets may pass again.
+    if let Some(t) = &img.inventory().net_lock {
+        if let Err(e) = crate::kinds::inet::unlock(t) {
+            eprintln!("snap: warning: {e:#}");
+        }
+    }
     let init = ns_init.0.take();
 
     let root_host = host.get(&plan.roots[0]).copied().unwrap_or(plan.roots[0]);
