@@ -738,7 +738,7 @@ fn wait_supervisor_exit_signaled(sup: i32) {
 
 // ------------------------------------------------------------------ (g)
 
-/// A checkpoint that fails (a member holds a TCP listener, refused) leaves
+/// A checkpoint that fails (a member holds a netlink socket, refused) leaves
 /// the group running, thawed and untraced, and the next one works against
 /// the last good checkpoint.
 #[test]
@@ -763,7 +763,7 @@ fn failed_checkpoint_leaves_group_running() {
     let listener = spawn(
         &r,
         Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(format!(
-            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\nopen({:?}, 'w').write('ok')\ntime.sleep(1000)\n",
+            "import socket, time\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nopen({:?}, 'w').write('ok')\ntime.sleep(1000)\n",
             st.join("ready").display().to_string()
         )),
         &t.join("join.log"),
@@ -771,7 +771,7 @@ fn failed_checkpoint_leaves_group_running() {
     wait_ready(&st, listener, secs(30));
 
     let res = snap(&["dump", "--group", &name, "--json"]);
-    assert!(!res.ok(), "a dump of a TCP listener succeeded: {}", res.describe());
+    assert!(!res.ok(), "a dump of a netlink socket succeeded: {}", res.describe());
     assert!(res.stderr.contains("snap: error:") && res.stderr.contains(&listener.to_string()), "error does not name the process: {}", res.describe());
     let cg = cgroup_of(&name);
     if cg.join("cgroup.freeze").exists() {

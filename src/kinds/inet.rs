@@ -393,6 +393,7 @@ pub fn set_nonblock(fd: BorrowedFd<'_>, flags: u32) -> Result<()> {
 /// One established TCP connection of the dump, seen from /proc/PID/net/tcp*.
 #[derive(Debug, Clone)]
 pub struct Conn {
+    pub ino: u64,
     pub pid: Pid,
     pub fd: RemoteFd,
     pub local: SocketAddr,
@@ -418,9 +419,10 @@ impl NetLock {
         if !tcp_established {
             let c = &conns[0];
             bail!(
-                "{} {}: established TCP connection {} -> {}: dumping it needs --tcp-established",
+                "{} {} (socket:[{}]): established TCP connection {} -> {}: dumping it needs --tcp-established",
                 c.pid,
                 c.fd,
+                c.ino,
                 c.local,
                 c.remote
             );
@@ -585,7 +587,7 @@ pub fn established(pids: &[Pid]) -> Result<Vec<Conn>> {
                     continue;
                 }
                 if let Some(&(pid, fd)) = socks.get(&row.ino) {
-                    out.push(Conn { pid, fd, local: row.local, remote: row.remote });
+                    out.push(Conn { ino: row.ino, pid, fd, local: row.local, remote: row.remote });
                 }
             }
         }
