@@ -76,8 +76,12 @@ struct Conn {
 }
 
 fn start_conn(r: &Reaper, t: &TempDir, py: &Path, host: &str) -> Conn {
+    start_conn_with(r, t, py, host, &[])
+}
+
+fn start_conn_with(r: &Reaper, t: &TempDir, py: &Path, host: &str, extra: &[&str]) -> Conn {
     let d = t.sub("st");
-    let pid = spawn(r, Command::new(py).arg(fixtures_src().join("py_tcp_conn.py")).arg(&d).arg(host), &t.join("log"));
+    let pid = spawn(r, Command::new(py).arg(fixtures_src().join("py_tcp_conn.py")).arg(&d).arg(host).args(extra), &t.join("log"));
     let ready = wait_ready(&d, pid, secs(30));
     let port: u16 = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut s = TcpStream::connect((host, port)).expect("connect to the server");
@@ -94,7 +98,14 @@ fn start_conn(r: &Reaper, t: &TempDir, py: &Path, host: &str) -> Conn {
 /// After the dump (or in place): release the server, then check that every
 /// byte arrives exactly once and in order both ways.
 fn finish_conn(c: &mut Conn) {
-    c.s.write_all(b"tail after restore\n").unwrap();
+    c.s.write_all(TAIL).unwrap();
+    finish_conn_sent(c);
+}
+
+const TAIL: &[u8] = b"tail after restore\n";
+
+/// `finish_conn` once the client has sent TAIL.
+fn finish_conn_sent(c: &mut Conn) {
     fs::write(c.d.join("release"), "1").unwrap();
     c.s.set_read_timeout(Some(secs(120))).unwrap();
     let want = [pat(1, 1 << 20, 7), b"done ok\n".to_vec()].concat();
@@ -123,9 +134,12 @@ fn established_survives(test: &str, host: &str) {
     dump_kill(&[c.pid], &img, &["--tcp-established"]);
     let table = net_lock(&img).expect("the image names its network lock");
     assert!(nft_tables().contains(&table), "lock table {table} not installed after the dump");
+    // The client sends while the server is gone: without the lock the
+    // kernel would answer RST and the connection would die.
+    c.s.write_all(TAIL).unwrap();
     restore_ok(&img, &r, &[c.pid]);
     assert!(!nft_tables().contains(&table), "lock table {table} still there after restore");
-    finish_conn(&mut c);
+    finish_conn_sent(&mut c);
     pong(host, c.port);
 }
 
@@ -193,6 +207,63 @@ fn tcp_established_leave_running() {
     assert_eq!(status_field(c.pid, "TracerPid").as_deref(), Some("0"));
     finish_conn(&mut c);
     pong("127.0.0.1", c.port);
+}
+
+/// A dump that fails after the connection went into repair mode (a netlink
+/// socket after it is refused): the connection leaves repair mode, the
+/// lock table goes, and both sides carry on as if nothing happened.
+#[test]
+fn tcp_failed_dump_leaves_connection_working() {
+    let test = "tcp_failed_dump_leaves_connection_working";
+    let _l = lock();
+    let Some(py) = needs(test) else { return };
+    let t = TempDir::new(test);
+    let r = Reaper::new();
+    let mut c = start_conn_with(&r, &t, &py, "127.0.0.1", &["netlink"]);
+    let img = t.sub("img");
+    let before = nft_tables();
+    let run = dump_raw(&[c.pid], &img, &["--tcp-established"]);
+    assert!(!run.ok(), "dump with a netlink socket succeeded");
+    assert!(run.stderr.contains("AF_NETLINK") && run.stderr.contains(&format!("pid {}", c.pid)), "{}", run.stderr);
+    let after = nft_tables();
+    assert!(after.lines().all(|l| before.contains(l)), "a lock table is left: {after}");
+    assert_eq!(status_field(c.pid, "TracerPid").as_deref(), Some("0"), "still traced");
+    finish_conn(&mut c);
+    pong("127.0.0.1", c.port);
+}
+
+/// A listener with a connection in its accept queue (not accepted yet) is
+/// refused, naming pid, fd, address and count; the server goes on and
+/// accepts it afterwards.
+#[test]
+fn tcp_listener_accept_queue_refused() {
+    let test = "tcp_listener_accept_queue_refused";
+    let _l = lock();
+    let Some(py) = python3() else {
+        skip(test, "no python3");
+        return;
+    };
+    let t = TempDir::new(test);
+    let r = Reaper::new();
+    let d = t.sub("st");
+    let script = "import os, socket, sys, time\nd = sys.argv[1]\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen(4)\nopen(d + '/ready.tmp', 'w').write('%d %d' % (s.getsockname()[1], s.fileno()))\nos.rename(d + '/ready.tmp', d + '/ready')\nwhile not os.path.exists(d + '/release'):\n    time.sleep(0.01)\nc, _ = s.accept()\nc.sendall(b'late\\n')\ntime.sleep(1000)\n";
+    let pid = spawn(&r, Command::new(&py).arg("-c").arg(script).arg(&d), &t.join("log"));
+    let ready = wait_ready(&d, pid, secs(30));
+    let v: Vec<u32> = ready.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let mut s = TcpStream::connect(("127.0.0.1", v[0] as u16)).unwrap();
+    let img = t.sub("img");
+    let run = dump_raw(&[pid], &img, &["--tcp-established"]);
+    assert!(!run.ok(), "dump of a listener with a pending connection succeeded");
+    let e = &run.stderr;
+    for want in [format!("pid {pid}"), format!("fd {}", v[1]), format!("127.0.0.1:{}", v[0]), "1 connection".into()] {
+        assert!(e.contains(&want), "error does not name {want:?}: {e}");
+    }
+    assert_eq!(status_field(pid, "TracerPid").as_deref(), Some("0"), "still traced");
+    fs::write(d.join("release"), "1").unwrap();
+    s.set_read_timeout(Some(secs(30))).unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"late\n");
 }
 
 /// Both ends of a loopback connection in the dumped tree (parent and

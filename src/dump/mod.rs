@@ -188,7 +188,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
     let net = kinds::inet::NetLock::prepare(&seized.pids, a.tcp_established)?;
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_ext_unix_sk(a.ext_unix_sk);
-    fctx.set_tcp_established(a.tcp_established);
+    fctx.set_tcp_established(a.tcp_established, &net);
     fctx.set_dumped(&seized.pids);
     // A whole pid namespace (its init included) is recorded with the
     // namespace's pids; everything else with host pids.

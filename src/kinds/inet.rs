@@ -406,6 +406,8 @@ pub struct Conn {
 /// with --leave-running remove it.
 pub struct NetLock {
     table: Option<String>,
+    /// (local, remote) of every connection found (and locked if needed).
+    pub conns: std::collections::HashSet<(SocketAddr, SocketAddr)>,
 }
 
 impl NetLock {
@@ -414,7 +416,7 @@ impl NetLock {
     pub fn prepare(pids: &[Pid], tcp_established: bool) -> Result<NetLock> {
         let conns = established(pids)?;
         if conns.is_empty() {
-            return Ok(NetLock { table: None });
+            return Ok(NetLock { table: None, conns: Default::default() });
         }
         if !tcp_established {
             let c = &conns[0];
@@ -455,7 +457,7 @@ impl NetLock {
             }
             // Both ends of every connection are dumped: no packet comes
             // from outside while they are in repair mode.
-            return Ok(NetLock { table: None });
+            return Ok(NetLock { table: None, conns: tuples });
         };
         let mut b = [0u8; 8];
         std::fs::File::open("/dev/urandom")
@@ -464,7 +466,7 @@ impl NetLock {
         let name = format!("snap_lock_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>());
         let script = lock_script(&name, &conns);
         nft_run(&nft, &script).with_context(|| format!("installing the network lock (nftables table inet {name})"))?;
-        Ok(NetLock { table: Some(name) })
+        Ok(NetLock { table: Some(name), conns: tuples })
     }
 
     pub fn name(&self) -> Option<String> {

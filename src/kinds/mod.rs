@@ -96,6 +96,9 @@ pub struct DumpShared {
     pub tcp_established: bool,
     /// snap's copies of the dumped TCP connections, in repair mode.
     pub repair: tcp::Repaired,
+    /// (local, remote) of the connections found when the dump began, whose
+    /// traffic the network lock holds where needed.
+    pub tcp_locked: HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 /// One kind of descriptor, dump side.
@@ -189,6 +192,7 @@ impl DumpCtx {
                 ext_unix_sk: false,
                 tcp_established: false,
                 repair: tcp::Repaired::default(),
+                tcp_locked: HashSet::new(),
                 ptys: Vec::new(),
             },
             index: HashMap::new(),
@@ -202,8 +206,9 @@ impl DumpCtx {
     }
 
     /// `--tcp-established` (see `tcp.rs`).
-    pub fn set_tcp_established(&mut self, on: bool) {
+    pub fn set_tcp_established(&mut self, on: bool, lock: &inet::NetLock) {
         self.shared.tcp_established = on;
+        self.shared.tcp_locked = lock.conns.clone();
     }
 
     /// The TCP connections put in repair mode so far: the caller decides

@@ -99,6 +99,9 @@ pub fn dump(p: &Probe, sh: &mut DumpShared, family: i32, local: SocketAddr, peer
     if !sh.tcp_established {
         bail!("established TCP connection {local} -> {peer}: dumping it needs --tcp-established");
     }
+    if !sh.tcp_locked.contains(&(local, peer)) {
+        bail!("TCP connection {local} -> {peer} was not established when the dump began (or is in flight in a Unix socket's queue): it is not covered by the network lock; dump again");
+    }
     let fd = p.ours.try_clone_to_owned().context("dup")?;
     set(fd.as_fd(), libc::TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR")?;
     sh.repair.0.push((fd, opts.reuseaddr));
