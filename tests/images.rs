@@ -79,6 +79,7 @@ fn inventory(pids: Vec<i32>) -> Inventory {
         tracking: None,
         pidns: None,
         net_lock: None,
+        cgroup: None,
     }
 }
 

@@ -816,6 +816,7 @@ mod tests {
             tracking: None,
             pidns: None,
             net_lock: None,
+            cgroup: None,
         })
         .unwrap();
         dir
