@@ -161,6 +161,34 @@ fn tcp_established_v6_survives() {
     established_survives("tcp_established_v6_survives", "::1");
 }
 
+/// A restore that fails (the server's port is taken by someone else)
+/// keeps the lock table, and the image restores once the port is free:
+/// the connection still carries every byte.
+#[test]
+fn tcp_failed_restore_keeps_lock() {
+    let test = "tcp_failed_restore_keeps_lock";
+    let _l = lock();
+    let Some(py) = needs(test) else { return };
+    let t = TempDir::new(test);
+    let r = Reaper::new();
+    let mut c = start_conn(&r, &t, &py, "127.0.0.1");
+    let img = t.sub("img");
+    dump_kill(&[c.pid], &img, &["--tcp-established"]);
+    let table = net_lock(&img).expect("the image names its network lock");
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", c.port)).expect("taking the server's port");
+    let d = img.to_string_lossy().to_string();
+    let run = snap(&["restore", "-D", &d, "-d"]);
+    assert!(!run.ok(), "restore succeeded with the listener's port taken");
+    assert!(run.stderr.contains(&format!("127.0.0.1:{}", c.port)), "error does not name the address: {}", run.stderr);
+    assert!(!alive(c.pid), "a failed restore left pid {} running", c.pid);
+    assert!(nft_tables().contains(&table), "a failed restore removed the lock table");
+    drop(squatter);
+    restore_ok(&img, &r, &[c.pid]);
+    assert!(!nft_tables().contains(&table), "lock table {table} still there after restore");
+    finish_conn(&mut c);
+    pong("127.0.0.1", c.port);
+}
+
 /// Without --tcp-established an established connection is refused, naming
 /// the pid, the fd, both addresses and the flag; the server goes on
 /// untouched and the connection still works.

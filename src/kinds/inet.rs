@@ -147,11 +147,10 @@ fn dump_inner(p: &Probe, sh: &mut DumpShared, family: i32) -> Result<FileKind> {
         }
         (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {
             let opts = dump_opts(fd, family, false)?;
+            // FIONREAD on UDP is the size of the first datagram (a recv,
+            // even MSG_PEEK, could take a pending error from the process).
             let queued = sys::ioctl_get_int(fd, libc::FIONREAD).unwrap_or(0);
-            // FIONREAD on UDP is the size of the first datagram; an empty
-            // datagram (size 0) still shows in the receive queue's memory.
-            let busy = queued > 0 || sys::recv_peek(fd, &mut [0u8; 1]).is_ok();
-            if busy {
+            if queued > 0 {
                 eprintln!(
                     "snap: warning: {}: UDP socket {local}: its queued datagrams (the first has {queued} bytes) are dropped: they cannot be read without consuming them",
                     p.what()
