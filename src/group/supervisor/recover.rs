@@ -314,12 +314,17 @@ fn wait_pids_free(pids: &[i32]) -> Result<()> {
         if t0.elapsed() > KILL_TIMEOUT {
             let who: Vec<String> = taken
                 .iter()
-                .map(|&p| {
-                    let st = crate::dump::proc::Stat::read(p);
-                    format!("{p} ({})", st.map_or("?".to_string(), |s| s.comm))
+                .map(|&p| match crate::dump::proc::Stat::read(p) {
+                    Some(s) if s.field_str(3).ok() == Some("Z") => format!(
+                        "{p} ({}, a zombie its parent, pid {}, has not reaped)",
+                        s.comm,
+                        s.field::<i32>(4).unwrap_or(0)
+                    ),
+                    Some(s) => format!("{p} ({}, state {})", s.comm, s.field_str(3).unwrap_or("?")),
+                    None => format!("{p} (gone since)"),
                 })
                 .collect();
-            bail!("pids still taken after {KILL_TIMEOUT:?}: {}", who.join(", "));
+            bail!("the checkpoint's pids are still taken after {KILL_TIMEOUT:?}: {}", who.join(", "));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
