@@ -1011,6 +1011,28 @@ fn recover_falls_back_past_damaged_checkpoint() {
     // The next checkpoint builds on the one restored, not the damaged one.
     let s = group_dump(&name, None);
     assert_eq!(s["parent"], d1.to_string_lossy().as_ref(), "{s}");
+    let d3 = PathBuf::from(s["images_dir"].as_str().unwrap());
+
+    // Now damage d1 too: d3 is intact but its chain is not, and nothing
+    // is left to recover from. The group ends, saying why, nothing runs.
+    let pack = d1.join("pages.pack");
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&pack, &bytes).unwrap();
+    let cg = cgroup_of(&name);
+    let members = cgroup_members(&cg);
+    assert!(kill(program, libc::SIGKILL));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(60)), 128 + libc::SIGKILL);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    let d3s = d3.to_string_lossy().to_string();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("checkpoint {d3s} is not usable")) && l.contains("its parent") && l.contains("0001: image file pages.pack")),
+        "the log does not say that {d3s} is unusable because of its parent:\n{log}"
+    );
+    assert!(log.contains("recovery failed: no usable checkpoint"), "{log}");
+    wait_gone(&members, secs(20)).expect("members left running after a failed recovery");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     drop(g);
 }
 

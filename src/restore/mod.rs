@@ -119,9 +119,11 @@ fn load(img: &ImageReader) -> Result<Plan> {
 /// which checkpoint to recover from (`group::supervisor::recover`).
 pub fn verify(dir: &std::path::Path) -> Result<(Vec<i32>, Vec<i32>)> {
     let img = ImageReader::open(dir)?;
-    let mut link = Some(&img);
+    img.verify_pack()?;
+    let mut link = img.parent();
     while let Some(i) = link {
-        i.verify_pack()?;
+        i.verify_pack()
+            .with_context(|| format!("image {} is incremental: its parent {} is damaged", dir.display(), i.dir().display()))?;
         link = i.parent();
     }
     let plan = load(&img).with_context(|| format!("image {}", dir.display()))?;
