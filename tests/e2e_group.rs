@@ -853,7 +853,8 @@ fn bounded_dump(name: &str, f: &Path) -> (PathBuf, u64, u64, Value) {
 /// checkpoint under the supervisor, with the same pid, the counter going
 /// on from the checkpoint's value; twice more, each time from the newest
 /// checkpoint, which after a recovery is first read in full and then
-/// tracked again (a wrong incremental image would restore a wrong value).
+/// tracked again (a wrong incremental image would restore a wrong value);
+/// then once more with `snap recover`.
 #[test]
 fn recover_restores_program_after_kill() {
     let test = "recover_restores_program_after_kill";
@@ -898,8 +899,19 @@ fn recover_restores_program_after_kill() {
         assert!(cgroup_members(&cgroup_of(&name)).contains(&program), "round {round}: restored program not in the cgroup");
         assert_restart(&f, round as usize, lo, hi, &format!("round {round}"));
     }
+    // `snap recover`: the same on demand, the program still running.
+    let (dir, lo, hi, _) = bounded_dump(&name, &f);
+    wait_counter_past(&f, hi, 10, secs(30));
+    let r = snap(&["recover", &name, "--json"]);
+    assert!(r.ok(), "snap recover failed: {}", r.describe());
+    let rec: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(rec["from"], dir.to_string_lossy().as_ref(), "{rec}");
+    assert_eq!(rec["program_pid"], program, "{rec}");
+    assert_eq!(rec["automatic"], false, "{rec}");
+    assert_eq!(ppid(program), Some(g.supervisor));
+    assert_restart(&f, 4, lo, hi, "snap recover");
     let r = snap(&["ps"]);
-    assert!(r.stdout.contains("recoveries 3"), "snap ps does not show the recoveries: {}", r.describe());
+    assert!(r.stdout.contains("recoveries 4"), "snap ps does not show the recoveries: {}", r.describe());
     if !tracked {
         skip(test, "uffd-wp + PAGEMAP_SCAN absent (snap check): tracked-memory assertions skipped");
     }
