@@ -1049,7 +1049,8 @@ fn recover_falls_back_past_damaged_checkpoint() {
 }
 
 /// Exit 0 ends a --recover group as without it; a non-zero exit recovers;
-/// the death after --max-recoveries ends the group with a message.
+/// the death after --max-recoveries ends the group with a message;
+/// --recover with --pidns is refused, saying why.
 #[test]
 fn recover_clean_exit_and_limit() {
     let test = "recover_clean_exit_and_limit";
@@ -1058,6 +1059,8 @@ fn recover_clean_exit_and_limit() {
         return;
     }
     let t = TempDir::new("grp-recover-end");
+    let r = snap(&["run", "-d", "--recover", "--pidns", "--name", &unique("recpidns"), "--", "sleep", "100"]);
+    assert!(!r.ok() && r.stderr.contains("--recover does not work with --pidns"), "{}", r.describe());
     let stop = t.join("stop");
     let script = format!("while [ ! -e {0} ]; do sleep 0.05; done; code=$(cat {0}); rm {0}; exit $code", stop.display());
 

@@ -114,7 +114,7 @@ pub struct RunArgs {
     /// other than 0), kill what is left of the group and restore its newest
     /// good checkpoint in its place, with the same PIDs (docs/groups.md,
     /// "Recovery"). Not with --pidns.
-    #[arg(long, conflicts_with = "pidns")]
+    #[arg(long)]
     #[serde(default)]
     pub recover: bool,
     /// With --recover: give up (end the group) when the program dies again
