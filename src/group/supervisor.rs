@@ -21,6 +21,10 @@
 //! frozen task cannot run the parasite's system calls, a seized one stays
 //! stopped when thawed), and keeps the tracking the dump returns for the
 //! next one.
+//!
+//! With `--recover` (and on `snap recover`), the main thread also brings
+//! the group back from its newest verified checkpoint when the program
+//! dies abnormally (`supervisor/recover.rs`).
 
 use std::fs;
 use std::io::Write;

@@ -216,9 +216,13 @@ impl Supervisor {
     /// the restore. Returns the program's pid and every restored pid.
     fn replace_group(&mut self, c: &Chosen) -> Result<(i32, Vec<i32>)> {
         self.kill_group();
-        self.cg.members().map(|m| m.is_empty()).ok().filter(|&e| e).with_context(|| {
-            format!("cgroup {} still has members after killing the group", self.cg.path().display())
-        })?;
+        let left = self.cg.members()?;
+        ensure!(
+            left.is_empty(),
+            "cgroup {} still holds pids {:?} after killing the group",
+            self.cg.path().display(),
+            left.iter().map(|p| p.0).collect::<Vec<_>>()
+        );
         wait_pids_free(&c.pids)?;
         let v = self.run_restore(&c.dir)?;
         let roots: Vec<i32> = v["roots"].as_array().into_iter().flatten().filter_map(|x| x.as_i64()).map(|x| x as i32).collect();
