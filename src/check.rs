@@ -50,7 +50,7 @@ pub fn probe_all() -> Report {
         feature("pidfd", "taking fds from the target (pidfd_getfd), race-free process handles", probe_pidfd()),
         feature("prctl-mm-map", "restoring brk, arg/env and auxv (PR_SET_MM_MAP)", probe_prctl_mm_map()),
         feature("tcp-repair", "dumping and restoring established TCP connections", probe_tcp_repair()),
-        feature("cgroup2-freezer", "freezing a group's cgroup for a consistent cut; snap run groups", probe_cgroup2()),
+        feature("cgroup2-freezer", "freezing a cgroup for a consistent cut: snap run groups, dump --cgroup (systemd services)", probe_cgroup2()),
         feature("pid-net-namespaces", "restore --pidns and a group's own network namespace", probe_namespaces()),
         feature("sysv-next-id", "SysV shared memory, semaphores and message queues keep their ids at restore", probe_sysv_next_id()),
         feature("msg-copy", "dumping SysV message queues: their messages are copied in place (MSG_COPY)", probe_msg_copy()),

@@ -135,8 +135,14 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DumpArgs {
     /// Root of a process tree to dump (repeat for an application group).
-    #[arg(short = 't', long = "tree", required_unless_present = "group")]
+    #[arg(short = 't', long = "tree", required_unless_present_any = ["group", "cgroup"])]
     pub tree: Vec<i32>,
+    /// Dump every process of this cgroup v2 and the cgroups below it (a
+    /// systemd service: `system.slice/web.service`, or the absolute path
+    /// under the cgroup2 mount). The cgroup is frozen while the processes
+    /// are seized; the roots are the members whose parent is not one.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tree", "group"])]
+    pub cgroup: Option<PathBuf>,
     /// Image directory (created if missing; must be empty). With --group it
     /// may be left out: the group's next checkpoint directory.
     #[arg(short = 'D', long = "images-dir", required_unless_present = "group", default_value = "", hide_default_value = true, value_parser = path_or_empty)]
@@ -198,6 +204,11 @@ pub struct RestoreArgs {
     /// Write the restored root's PID to this file (for systemd PIDFile=).
     #[arg(long)]
     pub pidfile: Option<PathBuf>,
+    /// Restore every process into this cgroup v2 (made if missing; path
+    /// relative to the cgroup2 mount, or absolute under it). Without it
+    /// they start in snap's own cgroup (under systemd, the service's).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,

@@ -10,6 +10,7 @@
 //! Any error before stage 4 drops the `Seized` guard, which detaches every
 //! thread: the processes continue untouched.
 
+pub mod cgroup;
 pub mod mm;
 pub mod pidns;
 pub mod proc;
@@ -42,7 +43,13 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         Some(d) => take_tracking(d),
         None => None,
     };
-    let out = run_with(a, held)?;
+    let out = match &a.cgroup {
+        Some(path) => {
+            let (args, frozen) = cgroup::freeze_members(a, path)?;
+            run_frozen(&args, held, Some(frozen))?
+        }
+        None => run_with(a, held)?,
+    };
     if let Some(set) = out.tracking {
         if let Err(e) = track::holder::spawn(&set) {
             eprintln!("snap: warning: dirty tracking not kept ({e:#}); the next incremental dump reads every page");
@@ -458,6 +465,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>) -> R
             generation: t.generation.clone(),
         }),
         pidns: ns.as_ref().map(|n| n.info()),
+        cgroup: a.cgroup.as_ref().map(|c| c.display().to_string()),
     };
     let pids: Vec<i32> = seized.pids.iter().map(|&p| image_pid(p).0).collect();
     if a.leave_running {

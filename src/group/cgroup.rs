@@ -105,28 +105,9 @@ impl GroupCgroup {
         event(&self.path, "populated").with_context(|| format!("group {}", self.name))
     }
 
-    /// Freeze the cgroup and wait until the kernel says every member is
-    /// frozen. The returned guard thaws it when dropped. Errors (no
-    /// `cgroup.freeze`, a member that does not freeze in `timeout`) leave the
-    /// cgroup thawed.
+    /// Freeze the cgroup (see [`freeze_at`]).
     pub fn freeze(&self, timeout: Duration) -> Result<Frozen> {
-        let f = self.path.join("cgroup.freeze");
-        fs::write(&f, "1").with_context(|| format!("group {}: writing 1 to {}", self.name, f.display()))?;
-        let guard = Frozen { path: f };
-        let ev = self.events_file()?;
-        let t0 = Instant::now();
-        loop {
-            if event(&self.path, "frozen")? {
-                return Ok(guard);
-            }
-            let left = timeout.saturating_sub(t0.elapsed());
-            if left.is_zero() {
-                bail!("group {}: cgroup {} not frozen after {timeout:?}", self.name, self.path.display());
-            }
-            // cgroup.events signals every change with POLLPRI; the short cap
-            // only bounds a missed wake-up.
-            wait_events(&ev, left.min(Duration::from_millis(20)));
-        }
+        freeze_at(&self.path, timeout).with_context(|| format!("group {}", self.name))
     }
 
     /// Kill every process in the cgroup: `cgroup.kill` where the kernel has
@@ -193,6 +174,31 @@ impl Drop for GroupCgroup {
         if let Err(e) = self.remove(&mut || crate::group::supervisor::reap_any()) {
             eprintln!("snap: warning: {e:#}");
         }
+    }
+}
+
+/// Freeze the cgroup at `path` (and every cgroup below it) and wait until
+/// the kernel says every member is frozen. The returned guard thaws it
+/// when dropped. Errors (no `cgroup.freeze`, a member that does not freeze
+/// in `timeout`) leave the cgroup thawed.
+pub fn freeze_at(path: &Path, timeout: Duration) -> Result<Frozen> {
+    let f = path.join("cgroup.freeze");
+    fs::write(&f, "1").with_context(|| format!("writing 1 to {}", f.display()))?;
+    let guard = Frozen { path: f };
+    let evf = path.join("cgroup.events");
+    let ev = fs::File::open(&evf).with_context(|| format!("opening {}", evf.display()))?;
+    let t0 = Instant::now();
+    loop {
+        if event(path, "frozen")? {
+            return Ok(guard);
+        }
+        let left = timeout.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            bail!("cgroup {} not frozen after {timeout:?}", path.display());
+        }
+        // cgroup.events signals every change with POLLPRI; the short cap
+        // only bounds a missed wake-up.
+        wait_events(&ev, left.min(Duration::from_millis(20)));
     }
 }
 

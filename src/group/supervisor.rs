@@ -807,6 +807,7 @@ impl Supervisor {
             prev_images_dir: prev,
             json: false,
             group: None,
+            cgroup: None,
         };
         let barrier = frozen.map(|f| Box::new(f) as crate::dump::Barrier);
         let out = crate::dump::run_frozen(&args, self.held.take(), barrier)

@@ -61,6 +61,10 @@ pub struct Inventory {
     /// init (`dump/pidns.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pidns: Option<PidNsInfo>,
+    /// With `dump --cgroup`: that cgroup, relative to the cgroup v2 mount
+    /// (for information; `restore --cgroup` says where the processes go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// The pid namespace an image was dumped from.

@@ -59,6 +59,9 @@ struct Summary {
     kernel: String,
     created_unix: u64,
     roots: Vec<i32>,
+    /// With `dump --cgroup`: that cgroup (relative to the cgroup2 mount).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<String>,
     features: Vec<String>,
     id: String,
     /// Parent directory as the inventory gives it (relative to this image).
@@ -138,6 +141,7 @@ fn summarize(dir: &Path) -> Result<Summary> {
         kernel: inv.kernel.clone(),
         created_unix: inv.created_unix,
         roots: inv.roots.clone(),
+        cgroup: inv.cgroup.clone(),
         features: inv.features.clone(),
         id: inv.id.clone(),
         parent: inv.parent.clone(),
@@ -215,6 +219,9 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
     crate::outln!("kernel         {}", s.kernel)?;
     crate::outln!("created        {} ({})", utc(s.created_unix), s.created_unix)?;
     crate::outln!("roots          {}", s.roots.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "))?;
+    if let Some(c) = &s.cgroup {
+        crate::outln!("cgroup         {c}")?;
+    }
     if !s.features.is_empty() {
         crate::outln!("features       {}", s.features.join(" "))?;
     }

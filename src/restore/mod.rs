@@ -330,7 +330,10 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     if let Some(i) = &ipc {
         pool.sysv_sizes = i.shm_sizes();
     }
-    // 4. Fork the trees.
+    // 4. Fork the trees (in the cgroup asked for: snap moves there first).
+    if let Some(cg) = &a.cgroup {
+        crate::dump::cgroup::enter_for_restore(cg)?;
+    }
     let mut created = Created { pids: plan.procs.keys().copied().collect(), since: now_ticks(), armed: !a.pidns };
     let live: Vec<i32> =
         plan.procs.values().filter(|p| matches!(p.state, ProcState::Alive)).map(|p| p.pid).collect();
