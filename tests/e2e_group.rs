@@ -1095,3 +1095,47 @@ fn recover_clean_exit_and_limit() {
     assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     drop(g);
 }
+
+/// A recovery whose restore cannot happen (a joined program's parent, here
+/// the test, does not reap it, so its pid stays taken by a zombie) ends
+/// the group with an error naming the checkpoint and the zombie, and
+/// leaves nothing running.
+#[test]
+fn recover_failure_ends_group_cleanly() {
+    let test = "recover_failure_ends_group_cleanly";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-recover-fail");
+    let r = Reaper::new();
+    let name = unique("recfail");
+    let root = t.join("imgs");
+    let f = t.join("a");
+    let (g, v) = start_group(&name, &root, &["--recover"], &["bash", "-c", &counter_script(&f)]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    // Our child, which we do not reap until the end.
+    let joined = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--", "sleep", "1000"]), &t.join("join.log"));
+    wait_for("the joined sleep in the group", secs(30), || cgroup_members(&cgroup_of(&name)).contains(&joined).then_some(()));
+    wait_counter_past(&f, 0, 5, secs(30));
+    let s = group_dump(&name, None);
+    let dir = s["images_dir"].as_str().unwrap().to_string();
+    assert!(s["pids"].as_array().unwrap().contains(&joined.into()), "{s}");
+    let cg = cgroup_of(&name);
+    let members = cgroup_members(&cg);
+    assert!(kill(program, libc::SIGKILL));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(60)), 128 + libc::SIGKILL);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("recovery failed")
+            && l.contains(&format!("restoring checkpoint {dir}"))
+            && l.contains(&format!("{joined} (sleep, a zombie"))),
+        "the log does not name the checkpoint and the zombie {joined}:\n{log}"
+    );
+    assert_eq!(proc_state(joined), Some('Z'), "the joined sleep should be our unreaped zombie");
+    let others: Vec<i32> = members.into_iter().filter(|&p| p != joined).collect();
+    wait_gone(&others, secs(20)).expect("members left running after a failed recovery");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    drop(g);
+    drop(r);
+}
