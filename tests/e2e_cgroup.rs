@@ -19,18 +19,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The cgroup v2 mount, if any.
-fn cgroup2() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 /// A cgroup subtree made for one test, `<mount>/snap-e2e-<test pid>-<tag>`;
 /// dropping it kills what is left in it and removes it.
 struct TestCgroup {
@@ -114,6 +102,16 @@ fn in_cgroup(cmd: &mut Command, cg: &Path) {
     }
 }
 
+/// Start PROG ARGS inside cgroup `cg` (registered with the reaper).
+fn start_in(r: &Reaper, cg: &Path, prog: &Path, args: &[&str]) -> i32 {
+    let mut cmd = Command::new(prog);
+    cmd.args(args).stdin(Stdio::null());
+    in_cgroup(&mut cmd, cg);
+    let pid = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", prog.display())).id() as i32;
+    r.add(pid);
+    pid
+}
+
 /// Run snap from inside cgroup `cg`, as a unit's ExecStart=/ExecStop= runs.
 fn snap_in(cg: &Path, args: &[&str]) -> SnapRun {
     let t0 = std::time::Instant::now();
@@ -168,7 +166,7 @@ while True:
 fn service_dumped_from_inside_and_restored_into_it() {
     let _l = lock();
     let name = "service_dumped_from_inside_and_restored_into_it";
-    let mnt = need!(cgroup2(), name, "no cgroup v2 mount");
+    let mnt = need!(cgroup2_mount(), name, "no cgroup v2 mount");
     let py = need!(python3(), name, "no python3");
     let t = TempDir::new("cg-svc");
     let r = Reaper::new();
@@ -181,11 +179,7 @@ fn service_dumped_from_inside_and_restored_into_it() {
     launch.args(["-c", DAEMON, out.to_str().unwrap()]).stdin(Stdio::null());
     in_cgroup(&mut launch, &svc);
     assert!(launch.status().unwrap().success(), "launcher failed");
-    let mut sleep = Command::new("sleep");
-    sleep.arg("1000").stdin(Stdio::null());
-    in_cgroup(&mut sleep, &svc);
-    let sleep_pid = sleep.spawn().unwrap().id() as i32;
-    r.add(sleep_pid);
+    let sleep_pid = start_in(&r, &svc, Path::new("/bin/sleep"), &["1000"]);
     // daemon + worker + sleep; the launcher and its first child are gone.
     let before: Vec<i32> = wait_for("daemon, worker and sleep in the service cgroup", secs(30), || {
         let m = members(&svc);
@@ -233,16 +227,12 @@ fn service_dumped_from_inside_and_restored_into_it() {
 fn restore_into_a_new_cgroup() {
     let _l = lock();
     let name = "restore_into_a_new_cgroup";
-    let mnt = need!(cgroup2(), name, "no cgroup v2 mount");
+    let mnt = need!(cgroup2_mount(), name, "no cgroup v2 mount");
     let t = TempDir::new("cg-move");
     let r = Reaper::new();
     let cgs = TestCgroup::new(&mnt, "move");
     let a = cgs.child("a");
-    let mut sleep = Command::new("sh");
-    sleep.args(["-c", "sleep 1000 & sleep 1000; wait"]).stdin(Stdio::null());
-    in_cgroup(&mut sleep, &a);
-    let sh = sleep.spawn().unwrap().id() as i32;
-    r.add(sh);
+    start_in(&r, &a, Path::new("/bin/sh"), &["-c", "sleep 1000 & sleep 1000; wait"]);
     let before = wait_for("sh and two sleeps", secs(30), || {
         let m = members(&a);
         (m.len() == 3).then_some(m)
@@ -271,7 +261,7 @@ fn restore_into_a_new_cgroup() {
 fn refusals_name_the_cgroup_and_thaw_it() {
     let _l = lock();
     let name = "refusals_name_the_cgroup_and_thaw_it";
-    let mnt = need!(cgroup2(), name, "no cgroup v2 mount");
+    let mnt = need!(cgroup2_mount(), name, "no cgroup v2 mount");
     let py = need!(python3(), name, "no python3");
     let t = TempDir::new("cg-refuse");
     let r = Reaper::new();
@@ -294,16 +284,8 @@ fn refusals_name_the_cgroup_and_thaw_it() {
     assert!(!Path::new(&d).exists(), "no image left behind");
 
     let bad = cgs.child("bad");
-    let mut cmd = Command::new(&py);
-    cmd.args([
-        "-c",
-        "import socket, time\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nn = 0\nwhile True:\n    n += 1\n    open(__import__('sys').argv[1], 'w').write(str(n))\n    time.sleep(0.01)\n",
-        t.join("n").to_str().unwrap(),
-    ])
-    .stdin(Stdio::null());
-    in_cgroup(&mut cmd, &bad);
-    let pid = cmd.spawn().unwrap().id() as i32;
-    r.add(pid);
+    let counter = "import socket, sys, time\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nn = 0\nwhile True:\n    n += 1\n    open(sys.argv[1], 'w').write(str(n))\n    time.sleep(0.01)\n";
+    let pid = start_in(&r, &bad, &py, &["-c", counter, t.join("n").to_str().unwrap()]);
     wait_for("the netlink holder's first number", secs(30), || read_opt(&t.join("n")).filter(|s| !s.is_empty()));
     let run = snap(&["dump", "--cgroup", bad.to_str().unwrap(), "-D", &d]);
     assert!(!run.ok(), "{}", run.describe());

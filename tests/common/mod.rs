@@ -192,6 +192,18 @@ pub fn python3() -> Option<PathBuf> {
     None
 }
 
+/// The cgroup2 mount, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
 // ---------------------------------------------------------------- processes
 
 pub fn alive(pid: i32) -> bool {
