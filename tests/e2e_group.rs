@@ -17,18 +17,6 @@ use std::time::{Duration, Instant};
 
 const STATE_ROOT: &str = "/run/snap/groups";
 
-/// The cgroup2 mount, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 fn cgroup_of(name: &str) -> PathBuf {
     cgroup2_mount().expect("cgroup2 mount").join("snap").join(name)
 }
