@@ -111,6 +111,25 @@ fn load(img: &ImageReader) -> Result<Plan> {
     Ok(Plan { procs, files, roots: inv.roots.clone(), own_init: false, init_mnt: None })
 }
 
+/// Check that the image in `dir` could be restored as far as its files go:
+/// the whole chain opens (versions, manifests, every listed file's size and
+/// checksum), every page pack of the chain matches its manifest checksum
+/// and every page its name, and the process records load and form trees.
+/// Returns the roots and every pid of the image. For a supervisor choosing
+/// which checkpoint to recover from (`group::supervisor::recover`).
+pub fn verify(dir: &std::path::Path) -> Result<(Vec<i32>, Vec<i32>)> {
+    let img = ImageReader::open(dir)?;
+    img.verify_pack()?;
+    let mut link = img.parent();
+    while let Some(i) = link {
+        i.verify_pack()
+            .with_context(|| format!("image {} is incremental: its parent {} is damaged", dir.display(), i.dir().display()))?;
+        link = i.parent();
+    }
+    let plan = load(&img).with_context(|| format!("image {}", dir.display()))?;
+    Ok((plan.roots, plan.procs.keys().copied().collect()))
+}
+
 /// The image's processes must form trees under its roots, each process
 /// reached once: a damaged or hostile image naming a cycle, or a child
 /// under two parents, would otherwise make the fork code loop or fork it
