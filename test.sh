@@ -2,7 +2,7 @@
 # Runs the WHOLE snap test suite (unit tests and end-to-end tests), as root.
 # Installs what the e2e fixtures need (gcc, python3, util-linux's setpriv,
 # redis-server, redis-tools, nginx-light, curl, script from bsdutils, tmux, postgresql)
-# with apt-get when missing. Tests run one at a time: every restore needs
+# and nftables (the network lock of tests/e2e_inet.rs) with apt-get when missing. Tests run one at a time: every restore needs
 # its exact PIDs free (the harness also holds a lock per test).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +18,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v curl >/dev/null || need+=(curl)
+# nft: the network lock of `snap dump --tcp-established` (tests/e2e_inet.rs).
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 # PostgreSQL server binaries for tests/e2e_ipc.rs (run directly, own cluster).
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then

@@ -50,6 +50,7 @@ pub fn probe_all() -> Report {
         feature("pidfd", "taking fds from the target (pidfd_getfd), race-free process handles", probe_pidfd()),
         feature("prctl-mm-map", "restoring brk, arg/env and auxv (PR_SET_MM_MAP)", probe_prctl_mm_map()),
         feature("tcp-repair", "dumping and restoring established TCP connections", probe_tcp_repair()),
+        feature("network-lock", "dumping TCP connections whose peer is outside the dump (nftables drops their packets until restore)", crate::kinds::inet::probe_lock()),
         feature("cgroup2-freezer", "freezing a cgroup for a consistent cut: snap run groups, dump --cgroup (systemd services)", probe_cgroup2()),
         feature("pid-net-namespaces", "restore --pidns and a group's own network namespace", probe_namespaces()),
         feature("sysv-next-id", "SysV shared memory, semaphores and message queues keep their ids at restore", probe_sysv_next_id()),

@@ -17,18 +17,6 @@ use std::time::{Duration, Instant};
 
 const STATE_ROOT: &str = "/run/snap/groups";
 
-/// The cgroup2 mount, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 fn cgroup_of(name: &str) -> PathBuf {
     cgroup2_mount().expect("cgroup2 mount").join("snap").join(name)
 }
@@ -738,7 +726,7 @@ fn wait_supervisor_exit_signaled(sup: i32) {
 
 // ------------------------------------------------------------------ (g)
 
-/// A checkpoint that fails (a member holds a TCP listener, refused) leaves
+/// A checkpoint that fails (a member holds a netlink socket, refused) leaves
 /// the group running, thawed and untraced, and the next one works against
 /// the last good checkpoint.
 #[test]
@@ -763,7 +751,7 @@ fn failed_checkpoint_leaves_group_running() {
     let listener = spawn(
         &r,
         Command::new(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(format!(
-            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\nopen({:?}, 'w').write('ok')\ntime.sleep(1000)\n",
+            "import socket, time\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nopen({:?}, 'w').write('ok')\ntime.sleep(1000)\n",
             st.join("ready").display().to_string()
         )),
         &t.join("join.log"),
@@ -771,7 +759,7 @@ fn failed_checkpoint_leaves_group_running() {
     wait_ready(&st, listener, secs(30));
 
     let res = snap(&["dump", "--group", &name, "--json"]);
-    assert!(!res.ok(), "a dump of a TCP listener succeeded: {}", res.describe());
+    assert!(!res.ok(), "a dump of a netlink socket succeeded: {}", res.describe());
     assert!(res.stderr.contains("snap: error:") && res.stderr.contains(&listener.to_string()), "error does not name the process: {}", res.describe());
     let cg = cgroup_of(&name);
     if cg.join("cgroup.freeze").exists() {
@@ -793,6 +781,349 @@ fn failed_checkpoint_leaves_group_running() {
     assert_eq!(next["parent"], good["images_dir"], "not against the last good checkpoint: {next}");
     assert!(next["pids"].as_array().unwrap().contains(&program.into()));
     assert_consecutive(&numbers(&file), "counter across a failed checkpoint");
+    drop(g);
+    drop(r);
+}
+
+// ------------------------------------------------------------ recovery
+
+/// Indices where a counter file goes back (a restore from a checkpoint):
+/// `nums[i] <= nums[i - 1]`.
+fn restarts(nums: &[u64]) -> Vec<usize> {
+    (1..nums.len()).filter(|&i| nums[i] <= nums[i - 1]).collect()
+}
+
+/// Wait until `snap ps` says the group has recovered `n` times; its entry.
+fn wait_recoveries(name: &str, n: u64) -> Value {
+    wait_for(&format!("group {name} to have recovered {n} time(s)"), secs(60), || {
+        let g = ps_group(name)?;
+        (g["recoveries"].as_u64()? >= n && g["recovering"].is_null()).then_some(g)
+    })
+}
+
+/// The value a counter restarted from after its `k`-th restore (1-based)
+/// must lie in `[lo, hi]`: `lo` read before the checkpoint was asked for,
+/// `hi` one past the value read right after it returned. Also checks that
+/// the counter is consecutive between restarts.
+fn assert_restart(f: &Path, k: usize, lo: u64, hi: u64, what: &str) {
+    let nums = wait_for(&format!("{what}: restart {k} in {}", f.display()), secs(30), || {
+        let nums = numbers(f);
+        let r = restarts(&nums);
+        // A few numbers after the restart, so that it is not a torn write.
+        (r.len() >= k && nums.len() > r[k - 1] + 3).then_some(nums)
+    });
+    let r = restarts(&nums);
+    assert_eq!(r.len(), k, "{what}: {k} restore(s) expected, the counter went back {} times: {nums:?}", r.len());
+    let i = r[k - 1];
+    assert!(
+        (lo..=hi).contains(&nums[i]),
+        "{what}: restore {k} restarted the counter at {} (killed at {}); the checkpoint's value was in [{lo}, {hi}]",
+        nums[i],
+        nums[i - 1]
+    );
+    let mut bounds = vec![0];
+    bounds.extend(&r);
+    bounds.push(nums.len());
+    for w in bounds.windows(2) {
+        assert_consecutive(&nums[w[0]..w[1]], &format!("{what} between restores"));
+    }
+}
+
+/// A checkpoint with the counter's value bounded: (dir, lo, hi).
+fn bounded_dump(name: &str, f: &Path) -> (PathBuf, u64, u64, Value) {
+    let lo = last_number(f).unwrap();
+    let s = group_dump(name, None);
+    let hi = last_number(f).unwrap() + 1;
+    (PathBuf::from(s["images_dir"].as_str().unwrap()), lo, hi, s)
+}
+
+/// `--recover`: kill -9 of the program restores the group's newest
+/// checkpoint under the supervisor, with the same pid, the counter going
+/// on from the checkpoint's value; twice more, each time from the newest
+/// checkpoint, which after a recovery is first read in full and then
+/// tracked again (a wrong incremental image would restore a wrong value);
+/// then once more with `snap recover`.
+#[test]
+fn recover_restores_program_after_kill() {
+    let test = "recover_restores_program_after_kill";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-recover");
+    let name = unique("recover");
+    let root = t.join("imgs");
+    let f = t.join("n");
+    let py = py.to_string_lossy().to_string();
+    let (g, v) = start_group(&name, &root, &["--recover"], &[&py, "-c", &py_counter(&f)]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&f, 0, 5, secs(30));
+    let tracked = uffd_wp_present();
+    for round in 1..=3u64 {
+        // Two checkpoints: the second is incremental against the first
+        // (after a recovery the first is read in full: new processes).
+        let (_, _, _, sa) = bounded_dump(&name, &f);
+        if round > 1 {
+            assert!(["full", "hashed"].contains(&proc_memory(&sa, program).as_str()), "round {round}: first checkpoint after a recovery: {sa}");
+        }
+        let n = last_number(&f).unwrap();
+        wait_counter_past(&f, n, 5, secs(30));
+        let (dir, lo, hi, sb) = bounded_dump(&name, &f);
+        assert_eq!(sb["parent"], sa["images_dir"], "round {round}: {sb}");
+        if tracked {
+            assert_eq!(proc_memory(&sb, program), "tracked", "round {round}: {sb}");
+        }
+        // Well past the checkpoint, so that going back shows.
+        wait_counter_past(&f, hi, 10, secs(30));
+        assert!(kill(program, libc::SIGKILL));
+        let ps = wait_recoveries(&name, round);
+        assert_eq!(ps["recoveries"], round);
+        assert_eq!(ps["last_recovery"]["from"], dir.to_string_lossy().as_ref(), "round {round}: {ps}");
+        assert!(ps["last_recovery"]["unix_time"].as_u64().is_some(), "{ps}");
+        assert_eq!(ps["program_pid"], program, "round {round}: the program has another pid: {ps}");
+        assert!(ps["program_exit"].is_null(), "{ps}");
+        assert_eq!(ppid(program), Some(g.supervisor), "round {round}: the restored program is not the supervisor's child");
+        assert!(cgroup_members(&cgroup_of(&name)).contains(&program), "round {round}: restored program not in the cgroup");
+        assert_restart(&f, round as usize, lo, hi, &format!("round {round}"));
+    }
+    // `snap recover`: the same on demand, the program still running.
+    let (dir, lo, hi, _) = bounded_dump(&name, &f);
+    wait_counter_past(&f, hi, 10, secs(30));
+    let r = snap(&["recover", &name, "--json"]);
+    assert!(r.ok(), "snap recover failed: {}", r.describe());
+    let rec: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(rec["from"], dir.to_string_lossy().as_ref(), "{rec}");
+    assert_eq!(rec["program_pid"], program, "{rec}");
+    assert_eq!(rec["automatic"], false, "{rec}");
+    assert_eq!(ppid(program), Some(g.supervisor));
+    assert_restart(&f, 4, lo, hi, "snap recover");
+    let r = snap(&["ps"]);
+    assert!(r.stdout.contains("recoveries 4"), "snap ps does not show the recoveries: {}", r.describe());
+    if !tracked {
+        skip(test, "uffd-wp + PAGEMAP_SCAN absent (snap check): tracked-memory assertions skipped");
+    }
+    drop(g);
+}
+
+/// Killing the program of a group with a forked child and a joined
+/// program kills both and brings all three back from the checkpoint at
+/// the same instant, with their pids.
+#[test]
+fn recover_brings_back_child_and_joined_program() {
+    let test = "recover_brings_back_child_and_joined_program";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-recover-all");
+    let r = Reaper::new();
+    let name = unique("recall");
+    let root = t.join("imgs");
+    let (fa, fc, fb) = (t.join("a"), t.join("c"), t.join("b"));
+    let script = format!("( {} ) & {}", counter_script(&fc), counter_script(&fa));
+    let (g, v) = start_group(&name, &root, &["--recover"], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    // The joined program's parent is a shell that reaps it, as an
+    // interactive one does: its pid is free again once it is killed.
+    let shell = spawn(
+        &r,
+        Command::new("bash").arg("-c").arg("\"$@\"; true").arg("bash").arg(snap_bin()).args(["join", &name, "--"]).arg(&py).arg("-c").arg(py_counter(&fb)),
+        &t.join("join.log"),
+    );
+    let joined = wait_for("the joined python", secs(30), || {
+        descendants(shell).into_iter().find(|&p| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.to_string_lossy().contains("python")))
+    });
+    for f in [&fa, &fb, &fc] {
+        wait_counter_past(f, 0, 5, secs(30));
+    }
+    let child = wait_for("the forked subshell", secs(30), || {
+        descendants(program).into_iter().find(|&p| ppid(p) == Some(program) && status_field(p, "Name").as_deref() == Some("bash"))
+    });
+    let lo: Vec<u64> = [&fa, &fb, &fc].iter().map(|f| last_number(f).unwrap()).collect();
+    let s = group_dump(&name, None);
+    let hi: Vec<u64> = [&fa, &fb, &fc].iter().map(|f| last_number(f).unwrap() + 1).collect();
+    for p in [program, joined, child] {
+        assert!(s["pids"].as_array().unwrap().contains(&p.into()), "pid {p} not in the checkpoint: {s}");
+    }
+    for (f, h) in [(&fa, hi[0]), (&fb, hi[1]), (&fc, hi[2])] {
+        wait_counter_past(f, h, 10, secs(30));
+    }
+    assert!(kill(program, libc::SIGKILL));
+    let ps = wait_recoveries(&name, 1);
+    let members = member_pids(&ps);
+    for (p, what) in [(program, "program"), (joined, "joined python"), (child, "forked subshell")] {
+        assert!(members.contains(&p), "{what} (pid {p}) not back in the group: members {members:?}");
+    }
+    assert_eq!(ppid(program), Some(g.supervisor));
+    assert_eq!(ppid(child), Some(program), "the subshell's parent is not the program again");
+    assert!(fs::read_link(format!("/proc/{joined}/exe")).unwrap().to_string_lossy().contains("python"));
+    // Every counter went back to the checkpoint: all were killed and restored.
+    for (i, (f, what)) in [(&fa, "program"), (&fb, "joined python"), (&fc, "subshell")].into_iter().enumerate() {
+        assert_restart(f, 1, lo[i], hi[i], what);
+    }
+    drop(g);
+    drop(r);
+}
+
+/// The newest checkpoint's page pack is damaged: the recovery skips it,
+/// says so in the supervisor log (naming the file), and restores the one
+/// before; the damaged one is never a parent again.
+#[test]
+fn recover_falls_back_past_damaged_checkpoint() {
+    let test = "recover_falls_back_past_damaged_checkpoint";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let py = need!(python3(), test, "no python3");
+    let t = TempDir::new("grp-recover-bad");
+    let name = unique("recbad");
+    let root = t.join("imgs");
+    let f = t.join("n");
+    let py = py.to_string_lossy().to_string();
+    let (g, v) = start_group(&name, &root, &["--recover"], &[&py, "-c", &py_counter(&f)]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    wait_counter_past(&f, 0, 5, secs(30));
+    let (d1, lo, hi, _) = bounded_dump(&name, &f);
+    wait_counter_past(&f, hi, 10, secs(30));
+    let (d2, _, hi2, _) = bounded_dump(&name, &f);
+    let pack = d2.join("pages.pack");
+    let mut bytes = fs::read(&pack).unwrap();
+    assert!(!bytes.is_empty(), "{} is empty: nothing to damage", pack.display());
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&pack, &bytes).unwrap();
+    wait_counter_past(&f, hi2, 10, secs(30));
+    assert!(kill(program, libc::SIGKILL));
+    let ps = wait_recoveries(&name, 1);
+    assert_eq!(ps["last_recovery"]["from"], d1.to_string_lossy().as_ref(), "{ps}");
+    let skipped = &ps["last_recovery"]["skipped"][0];
+    assert_eq!(skipped["dir"], d2.to_string_lossy().as_ref(), "{ps}");
+    assert!(skipped["error"].as_str().unwrap().contains("pages.pack"), "{ps}");
+    assert_restart(&f, 1, lo, hi, "fallback");
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains(&d2.to_string_lossy().to_string()) && l.contains("pages.pack") && l.contains("not usable")),
+        "supervisor.log does not name the damaged checkpoint and file:\n{log}"
+    );
+    // The next checkpoint builds on the one restored, not the damaged one.
+    let s = group_dump(&name, None);
+    assert_eq!(s["parent"], d1.to_string_lossy().as_ref(), "{s}");
+    let d3 = PathBuf::from(s["images_dir"].as_str().unwrap());
+
+    // Now damage d1 too: d3 is intact but its chain is not, and nothing
+    // is left to recover from. The group ends, saying why, nothing runs.
+    let pack = d1.join("pages.pack");
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&pack, &bytes).unwrap();
+    let cg = cgroup_of(&name);
+    let members = cgroup_members(&cg);
+    assert!(kill(program, libc::SIGKILL));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(60)), 128 + libc::SIGKILL);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    let d3s = d3.to_string_lossy().to_string();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("checkpoint {d3s} is not usable")) && l.contains("its parent") && l.contains("0001: image file pages.pack")),
+        "the log does not say that {d3s} is unusable because of its parent:\n{log}"
+    );
+    assert!(log.contains("recovery failed: no usable checkpoint"), "{log}");
+    wait_gone(&members, secs(20)).expect("members left running after a failed recovery");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    drop(g);
+}
+
+/// Exit 0 ends a --recover group as without it; a non-zero exit recovers;
+/// the death after --max-recoveries ends the group with a message;
+/// --recover with --pidns is refused, saying why.
+#[test]
+fn recover_clean_exit_and_limit() {
+    let test = "recover_clean_exit_and_limit";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-recover-end");
+    let r = snap(&["run", "-d", "--recover", "--pidns", "--name", &unique("recpidns"), "--", "sleep", "100"]);
+    assert!(!r.ok() && r.stderr.contains("--recover does not work with --pidns"), "{}", r.describe());
+    let stop = t.join("stop");
+    let script = format!("while [ ! -e {0} ]; do sleep 0.05; done; code=$(cat {0}); rm {0}; exit $code", stop.display());
+
+    // Exit 0: the group ends, no recovery.
+    let name = unique("recexit");
+    let root = t.join("imgs0");
+    let (g, _) = start_group(&name, &root, &["--recover"], &["bash", "-c", &script]);
+    group_dump(&name, None);
+    fs::write(&stop, "0").unwrap();
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(30)), 0);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    assert!(log.contains("clean exit, no recovery") && !log.contains("restoring"), "{log}");
+    drop(g);
+
+    // Exit 3 recovers; the next death is one too many.
+    let name = unique("reclimit");
+    let root = t.join("imgs1");
+    let (g, v) = start_group(&name, &root, &["--recover", "--max-recoveries", "1"], &["bash", "-c", &script]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    group_dump(&name, None);
+    fs::write(&stop, "3").unwrap();
+    let ps = wait_recoveries(&name, 1);
+    assert_eq!(ps["program_pid"], program);
+    assert!(alive(program) && ppid(program) == Some(g.supervisor), "program not restored under the supervisor");
+    let cg = cgroup_of(&name);
+    assert!(kill(program, libc::SIGKILL));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(30)), 128 + libc::SIGKILL);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    assert!(log.contains("ended with status 3: restoring checkpoint"), "{log}");
+    assert!(log.contains("--max-recoveries 1") && log.contains("giving up"), "{log}");
+    wait_gone(&[program], secs(20)).expect("program left running");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    drop(g);
+}
+
+/// A recovery whose restore cannot happen (a joined program's parent, here
+/// the test, does not reap it, so its pid stays taken by a zombie) ends
+/// the group with an error naming the checkpoint and the zombie, and
+/// leaves nothing running.
+#[test]
+fn recover_failure_ends_group_cleanly() {
+    let test = "recover_failure_ends_group_cleanly";
+    let _l = lock();
+    if !groups_supported(test) {
+        return;
+    }
+    let t = TempDir::new("grp-recover-fail");
+    let r = Reaper::new();
+    let name = unique("recfail");
+    let root = t.join("imgs");
+    let f = t.join("a");
+    let (g, v) = start_group(&name, &root, &["--recover"], &["bash", "-c", &counter_script(&f)]);
+    let program = v["program_pid"].as_i64().unwrap() as i32;
+    // Our child, which we do not reap until the end.
+    let joined = spawn(&r, Command::new(snap_bin()).args(["join", &name, "--", "sleep", "1000"]), &t.join("join.log"));
+    wait_for("the joined sleep in the group", secs(30), || cgroup_members(&cgroup_of(&name)).contains(&joined).then_some(()));
+    wait_counter_past(&f, 0, 5, secs(30));
+    let s = group_dump(&name, None);
+    let dir = s["images_dir"].as_str().unwrap().to_string();
+    assert!(s["pids"].as_array().unwrap().contains(&joined.into()), "{s}");
+    let cg = cgroup_of(&name);
+    let members = cgroup_members(&cg);
+    assert!(kill(program, libc::SIGKILL));
+    assert_eq!(wait_supervisor_exit(g.supervisor, secs(60)), 128 + libc::SIGKILL);
+    let log = fs::read_to_string(root.join("supervisor.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("recovery failed")
+            && l.contains(&format!("restoring checkpoint {dir}"))
+            && l.contains(&format!("{joined} (sleep, a zombie"))),
+        "the log does not name the checkpoint and the zombie {joined}:\n{log}"
+    );
+    assert_eq!(proc_state(joined), Some('Z'), "the joined sleep should be our unreaped zombie");
+    let others: Vec<i32> = members.into_iter().filter(|&p| p != joined).collect();
+    wait_gone(&others, secs(20)).expect("members left running after a failed recovery");
+    assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     drop(g);
     drop(r);
 }

@@ -78,6 +78,7 @@ fn inventory(pids: Vec<i32>) -> Inventory {
         memory_backend: "full".into(),
         tracking: None,
         pidns: None,
+        net_lock: None,
         cgroup: None,
     }
 }

@@ -353,14 +353,14 @@ fn scopeguard(p: Pid) -> KillOnDrop {
 
 #[test]
 fn socket_refused_naming_pid_and_fd() {
-    let (g, v) = python("s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(json.dumps(s.fileno()))");
+    let (g, v) = python("s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nprint(json.dumps(s.fileno()))");
     let pid = g.pid();
     let fd = v.as_i64().unwrap() as i32;
     let mut ctx = DumpCtx::new(false);
     let err = ctx.dump_fds(pid, &take_fds(pid, &[fd])).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains(&format!("pid {} fd {fd} (socket:[", pid.0)), "{msg}");
-    assert!(msg.contains("sockets are not supported yet"), "{msg}");
+    assert!(msg.contains("sockets of family AF_NETLINK are not supported yet"), "{msg}");
 }
 
 /// A fresh Unix socket (socket() and nothing else) is described as a lone

@@ -49,6 +49,15 @@ pub enum Cmd {
         #[arg(last = true, required = true, value_name = "PROGRAM")]
         program: Vec<String>,
     },
+    /// Roll a running group back to its last good checkpoint now: kill
+    /// every member and restore the checkpoint under the supervisor.
+    Recover {
+        /// The group's name (see `snap ps`).
+        name: String,
+        /// Print the recovery as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the groups started with `snap run`, their members and checkpoints.
     Ps {
         /// Machine-readable output.
@@ -101,6 +110,23 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub pidns: bool,
+    /// When the program dies abnormally (killed by a signal, or exit status
+    /// other than 0), kill what is left of the group and restore its newest
+    /// good checkpoint in its place, with the same PIDs (docs/groups.md,
+    /// "Recovery"). Not with --pidns.
+    #[arg(long)]
+    #[serde(default)]
+    pub recover: bool,
+    /// With --recover: give up (end the group) when the program dies again
+    /// after this many automatic recoveries within --recovery-window
+    /// [default: 5].
+    #[arg(long, value_name = "N", requires = "recover")]
+    #[serde(default)]
+    pub max_recoveries: Option<u32>,
+    /// With --recover: the window --max-recoveries counts in [default: 10m].
+    #[arg(long, value_name = "DURATION", requires = "recover", value_parser = crate::group::parse_duration)]
+    #[serde(default)]
+    pub recovery_window: Option<std::time::Duration>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     pub program: Vec<String>,
@@ -138,6 +164,11 @@ pub struct DumpArgs {
     /// is refused.
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Dump established TCP connections (TCP repair; their packets are
+    /// dropped by an nftables table until restore); without it they are
+    /// refused.
+    #[arg(long)]
+    pub tcp_established: bool,
     /// Compress page packs with zstd.
     #[arg(long)]
     pub compress: bool,
@@ -302,6 +333,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => crate::group::run(a),
         Cmd::Join { name, program } => crate::group::join(&name, &program),
         Cmd::Ps { json } => crate::group::ps(json),
+        Cmd::Recover { name, json } => crate::group::recover(&name, json).map(|_| 0),
         Cmd::Supervise { spec } => crate::group::supervise_detached(&spec),
         Cmd::PidnsInit { report_fd, program } => crate::group::init::main(report_fd, &program),
     }

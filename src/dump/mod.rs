@@ -234,8 +234,15 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: 
     // Every thread is held by ptrace now: the caller's freeze can go.
     drop(barrier);
     let mut counts = Counts::default();
+    // Established TCP connections: refused without --tcp-established; with
+    // it their packets are dropped from now until restore (or until this
+    // dump fails or lets the processes go: dropping `net` removes the
+    // table, after `fctx`, dropped first, has taken the sockets out of
+    // repair mode).
+    let net = kinds::inet::NetLock::prepare(&seized.pids, a.tcp_established)?;
     let mut fctx = DumpCtx::new(a.shell_job);
     fctx.set_ext_unix_sk(a.ext_unix_sk);
+    fctx.set_tcp_established(a.tcp_established, &net);
     fctx.set_dumped(&seized.pids);
     // A whole pid namespace (its init included) is recorded with the
     // namespace's pids; everything else with host pids.
@@ -459,6 +466,10 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: 
         w.write_pagemap(&format!("pagemap-shmem-{id}.bin"), &v)?;
     }
     fctx.check_done()?;
+    // snap's copies of the connections in repair mode: kept until the
+    // processes are dead (closed in repair mode, they send nothing), or
+    // taken out of repair mode before the processes go on.
+    let repair = fctx.take_repair();
     let (mut files, blobs) = fctx.finish()?;
     if let Some(n) = &ns {
         n.files(&mut files)?;
@@ -515,6 +526,7 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: 
             generation: t.generation.clone(),
         }),
         pidns: ns.as_ref().map(|n| n.info()),
+        net_lock: if a.leave_running { None } else { net.name() },
         cgroup: a.cgroup.as_ref().map(|c| c.display().to_string()),
     };
     let pids: Vec<i32> = seized.pids.iter().map(|&p| image_pid(p).0).collect();
@@ -522,6 +534,9 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: 
         // Everything is read: the processes go on while the image is
         // finished (a failure from here on leaves them running anyway).
         crate::images::dir::timing("dump: read all");
+        // The connections go live again, then their packets pass again.
+        drop(repair);
+        drop(net);
         resume_in_place(&seized)?;
         drop(seized);
         let stopped = t_seize.elapsed();
@@ -538,6 +553,10 @@ fn dump(a: &DumpArgs, mut held: Option<TrackSet>, barrier: Option<Barrier>, id: 
         w.finish(inv)?;
         seized.kill_all();
         drop(seized);
+        // Closed still in repair mode: the peers see nothing; the lock
+        // stays for restore to remove.
+        repair.forget();
+        net.keep();
         stopped_for = t_seize.elapsed();
     }
     let summary = serde_json::json!({

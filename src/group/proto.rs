@@ -12,6 +12,8 @@
 //! * `{"cmd": "dump", "dir": "/abs/dir" | null, "compress": false}`: a
 //!   checkpoint now, incremental against the last one; the result is the
 //!   dump's JSON summary.
+//! * `{"cmd": "recover"}`: kill the group and restore its newest good
+//!   checkpoint under the supervisor; the result describes the recovery.
 //!
 //! Only root and the supervisor's own user may talk to it (SO_PEERCRED):
 //! a dump writes wherever `dir` says, with the supervisor's rights.
@@ -38,6 +40,8 @@ pub enum Request {
         #[serde(default)]
         compress: bool,
     },
+    /// Kill the group and restore its last good checkpoint now.
+    Recover,
 }
 
 /// Send `req` to the supervisor listening on `sock`, wait for the reply
@@ -102,6 +106,7 @@ mod tests {
         assert_eq!(r, Request::Dump { dir: None, compress: false });
         let r: Request = serde_json::from_str(r#"{"cmd":"dump","dir":"/x","compress":true}"#).unwrap();
         assert_eq!(r, Request::Dump { dir: Some("/x".into()), compress: true });
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"recover"}"#).unwrap(), Request::Recover);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
     }
 }

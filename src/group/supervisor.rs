@@ -21,6 +21,10 @@
 //! frozen task cannot run the parasite's system calls, a seized one stays
 //! stopped when thawed), and keeps the tracking the dump returns for the
 //! next one.
+//!
+//! With `--recover` (and on `snap recover`), the main thread also brings
+//! the group back from its newest verified checkpoint when the program
+//! dies abnormally (`supervisor/recover.rs`).
 
 use std::fs;
 use std::io::Write;
@@ -42,6 +46,9 @@ use serde::Serialize;
 use super::cgroup::GroupCgroup;
 use super::proto::{self, Request};
 use super::{Info, INFO_NAME, SOCKET_NAME, STATE_ROOT};
+
+mod recover;
+pub use recover::Recovery;
 use crate::cli::{DumpArgs, RunArgs};
 use crate::sys::process::SpawnOpts;
 use crate::track::TrackSet;
@@ -96,6 +103,13 @@ pub struct Status {
     /// Set while a checkpoint runs: its directory.
     pub checkpointing: Option<PathBuf>,
     pub log: Option<PathBuf>,
+    /// `--recover`: the program's abnormal death restores the group.
+    pub recover: bool,
+    /// Recoveries done (automatic and `snap recover`).
+    pub recoveries: u64,
+    pub last_recovery: Option<Recovery>,
+    /// Set while a recovery runs: the checkpoint being restored.
+    pub recovering: Option<PathBuf>,
 }
 
 impl Status {
@@ -119,11 +133,17 @@ impl Status {
     }
 }
 
-/// A checkpoint asked for over the control socket.
+/// Work for the main thread asked for over the control socket.
 struct Job {
-    dir: Option<PathBuf>,
-    compress: bool,
+    kind: JobKind,
     reply: mpsc::Sender<std::result::Result<serde_json::Value, String>>,
+}
+
+enum JobKind {
+    /// A checkpoint now.
+    Dump { dir: Option<PathBuf>, compress: bool },
+    /// `snap recover`: back to the last good checkpoint now.
+    Recover,
 }
 
 /// The group's state directory; removed (with everything in it) on drop.
@@ -349,6 +369,10 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
         last_error: None,
         checkpointing: None,
         log: log.clone(),
+        recover: a.recover,
+        recoveries: 0,
+        last_recovery: None,
+        recovering: None,
     }));
 
     let (wake_tx, wake_rx) = UnixStream::pair().context("socketpair for waking the supervisor")?;
@@ -378,6 +402,14 @@ pub fn run(a: RunArgs, mode: Mode) -> Result<i32> {
         last: None,
         status,
         detached: mode == Mode::Detached,
+        recover: a.recover,
+        max_recoveries: a.max_recoveries.unwrap_or(recover::DEFAULT_MAX_RECOVERIES),
+        recovery_window: a.recovery_window.unwrap_or(recover::DEFAULT_WINDOW),
+        died: None,
+        recent: std::collections::VecDeque::new(),
+        taken: Vec::new(),
+        state_dir: state.path.clone(),
+        info,
     };
     let code = sup.main_loop(&sfd, &wake_rx, &jobs_rx);
     // The socket goes first, so that no client waits on a supervisor that
@@ -528,20 +560,22 @@ fn serve(
     if !proto::peer_allowed(c).map_err(|e| format!("{e:#}"))? {
         return Err("permission denied: only root and the supervisor's user may use this socket".into());
     }
-    match proto::read_request(c).map_err(|e| format!("{e:#}"))? {
-        Request::Ps => Ok(status.lock().unwrap_or_else(|e| e.into_inner()).ps()),
+    let kind = match proto::read_request(c).map_err(|e| format!("{e:#}"))? {
+        Request::Ps => return Ok(status.lock().unwrap_or_else(|e| e.into_inner()).ps()),
         Request::Dump { dir, compress } => {
             if let Some(d) = &dir {
                 if !d.is_absolute() {
                     return Err(format!("dump: {} is not an absolute path", d.display()));
                 }
             }
-            let (tx, rx) = mpsc::channel();
-            jobs.send(Job { dir, compress, reply: tx }).map_err(|_| "the supervisor is stopping".to_string())?;
-            let _ = (&*wake).write(&[1]);
-            rx.recv().unwrap_or_else(|_| Err("the supervisor stopped before taking the checkpoint".into()))
+            JobKind::Dump { dir, compress }
         }
-    }
+        Request::Recover => JobKind::Recover,
+    };
+    let (tx, rx) = mpsc::channel();
+    jobs.send(Job { kind, reply: tx }).map_err(|_| "the supervisor is stopping".to_string())?;
+    let _ = (&*wake).write(&[1]);
+    rx.recv().unwrap_or_else(|_| Err("the supervisor stopped before doing it".into()))
 }
 
 struct Supervisor {
@@ -560,6 +594,21 @@ struct Supervisor {
     last: Option<PathBuf>,
     status: Arc<Mutex<Status>>,
     detached: bool,
+    /// `--recover` and its limits.
+    recover: bool,
+    max_recoveries: u32,
+    recovery_window: Duration,
+    /// The status of our child (the program) when it died, until the main
+    /// loop has decided whether to recover.
+    died: Option<i32>,
+    /// When the recent automatic recoveries were (within the window).
+    recent: std::collections::VecDeque<Instant>,
+    /// The checkpoints this supervisor took (or recovered from), oldest
+    /// first: the candidates of a recovery. Never the images root's other
+    /// directories, which may be another group's (an images root reused).
+    taken: Vec<PathBuf>,
+    state_dir: PathBuf,
+    info: Info,
 }
 
 impl Supervisor {
@@ -571,6 +620,7 @@ impl Supervisor {
         for (pid, st) in reap() {
             if pid == self.child.0 {
                 self.program_status = Some(st);
+                self.died = Some(st);
                 self.status().program_exit = Some(st);
             }
         }
@@ -611,11 +661,23 @@ impl Supervisor {
                 self.cg.wait_empty(Duration::from_secs(10), &mut r)?;
                 return Ok(128 + s);
             }
+            // The program died: with --recover and an abnormal status, the
+            // group comes back from its last good checkpoint, or ends.
+            if let Some(code) = self.after_death() {
+                return Ok(code);
+            }
             if !self.cg.populated()? {
                 // A task leaves its cgroup before it becomes a zombie its
                 // parent can reap: wait for the program's status.
                 if self.program_status.is_none() {
                     self.wait_program();
+                    if let Some(code) = self.after_death() {
+                        return Ok(code);
+                    }
+                    if self.program_status.is_none() {
+                        // Recovered: the group runs again.
+                        continue;
+                    }
                 }
                 let code = self.program_status.unwrap_or(0);
                 self.note(&format!("every member has exited; the program's status was {code}"));
@@ -635,8 +697,23 @@ impl Supervisor {
                 }
             }
             while let Ok(job) = jobs.try_recv() {
-                let r = self.checkpoint(job.dir, job.compress).map_err(|e| format!("{e:#}"));
-                let _ = job.reply.send(r);
+                match job.kind {
+                    JobKind::Dump { dir, compress } => {
+                        let r = self.checkpoint(dir, compress).map_err(|e| format!("{e:#}"));
+                        let _ = job.reply.send(r);
+                    }
+                    JobKind::Recover => match self.asked_recovery() {
+                        Ok(v) => {
+                            let _ = job.reply.send(Ok(v));
+                        }
+                        Err((e, end)) => {
+                            let _ = job.reply.send(Err(e));
+                            if let Some(code) = end {
+                                return Ok(code);
+                            }
+                        }
+                    },
+                }
             }
             if let (Some(due), Some(every)) = (next, self.interval) {
                 if Instant::now() >= due {
@@ -725,6 +802,7 @@ impl Supervisor {
             // restoring such an image needs --shell-job.
             shell_job: true,
             ext_unix_sk: false,
+            tcp_established: false,
             compress,
             track_mem: true,
             prev_images_dir: prev,
@@ -737,11 +815,15 @@ impl Supervisor {
             .with_context(|| format!("group {name}: checkpoint of pids {roots:?} into {}", dir.display()))?;
         self.held = out.tracking;
         self.last = Some(dir.to_path_buf());
+        self.taken.retain(|d| d != dir);
+        self.taken.push(dir.to_path_buf());
         let mut summary = out.summary;
         summary["group"] = name.clone().into();
         summary["frozen"] = was_frozen.into();
         summary["roots"] = roots.into();
         let prune = crate::images::prune::prune(&self.images_root, self.keep as usize);
+        // Pruned checkpoints are no recovery candidates any more.
+        self.taken.retain(|d| d.exists());
         let mut st = self.status();
         match prune {
             Ok(rep) => summary["pruned"] = serde_json::to_value(rep).unwrap_or_default(),

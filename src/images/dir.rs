@@ -555,7 +555,13 @@ impl ImageReader {
         let mf = self.files.get(&ps.pack).with_context(|| format!("manifest: page pack {} is not listed", ps.pack))?;
         if !self.store.compressed() {
             let x = hex64(xxh3_64(self.store.pack_bytes()));
-            ensure!(x == mf.xxh3, "image file {}: checksum {x} does not match the manifest ({})", mf.name, mf.xxh3);
+            ensure!(
+                x == mf.xxh3,
+                "image {}: image file {}: checksum {x} does not match the manifest ({})",
+                self.dir.display(),
+                mf.name,
+                mf.xxh3
+            );
         }
         self.store.verify_pages().with_context(|| format!("image {}: page pack {}", self.dir.display(), ps.pack))
     }

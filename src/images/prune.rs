@@ -815,6 +815,7 @@ mod tests {
             memory_backend: if parent.is_some() { "uffd-wp" } else { "full" }.into(),
             tracking: None,
             pidns: None,
+            net_lock: None,
             cgroup: None,
         })
         .unwrap();

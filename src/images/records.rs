@@ -55,6 +55,11 @@ pub struct Inventory {
     /// Dirty tracking armed by this dump for the next one, if any.
     #[serde(default)]
     pub tracking: Option<Tracking>,
+    /// The nftables table (family inet) that drops the packets of the
+    /// image's TCP connections until restore puts them back; restore
+    /// deletes it once they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_lock: Option<String>,
     /// Set when the image is a whole pid namespace (its init included):
     /// every pid and tid of the image is then the namespace's, and restore
     /// needs `--pidns`, where the saved pid 1 becomes the new namespace's
@@ -477,6 +482,34 @@ pub enum FileKind {
         #[serde(default)]
         pending: Vec<PendingConn>,
     },
+    /// An IPv4/IPv6 socket other than an established TCP connection: a TCP
+    /// listener (`listen`, with its `backlog`), a TCP socket fresh or only
+    /// bound, or a UDP socket, bound and/or connected (`peer`). `family`:
+    /// AF_INET or AF_INET6; `proto`: IPPROTO_TCP or IPPROTO_UDP; `local`,
+    /// `peer`: socket addresses as text ("127.0.0.1:80", "[::1]:80"); a
+    /// local port 0 means unbound. Queued UDP datagrams are not kept.
+    Inet {
+        family: u32,
+        proto: u32,
+        local: String,
+        #[serde(default)]
+        peer: Option<String>,
+        #[serde(default)]
+        listen: bool,
+        #[serde(default)]
+        backlog: u64,
+        opts: InetOpts,
+    },
+    /// An established TCP connection (`dump --tcp-established`), read in
+    /// repair mode (TCP_REPAIR): its addresses, sequence numbers, queues
+    /// (blobs `tcp-<ino>.inq` and `tcp-<ino>.outq`) and negotiated options.
+    TcpConn {
+        family: u32,
+        local: String,
+        peer: String,
+        opts: InetOpts,
+        tcp: TcpRepair,
+    },
     /// A Unix-domain socket neither connected nor listening: fresh from
     /// socket(), or bound to a name (`file`: its socket file, for a path).
     /// A datagram socket's queue is in blob `unix-<ino>.rcvq`, one entry of
@@ -494,6 +527,68 @@ pub enum FileKind {
         #[serde(default)]
         scm: Vec<ScmFiles>,
     },
+}
+
+/// Socket options of an IPv4/IPv6 socket that restore sets again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct InetOpts {
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    pub broadcast: bool,
+    /// IPV6_V6ONLY (AF_INET6 only).
+    pub v6only: bool,
+    pub priority: i64,
+    /// SO_MARK (0: none).
+    pub mark: u64,
+    pub rcvlowat: i64,
+    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds (0: none).
+    pub rcvtimeo_us: u64,
+    pub sndtimeo_us: u64,
+    /// SO_LINGER: seconds when on.
+    pub linger: Option<i64>,
+    /// IP_TOS (IPv4) or IPV6_TCLASS (IPv6).
+    pub tos: i64,
+    /// IP_TTL / IPV6_UNICAST_HOPS as set (-1 or 0: the default).
+    pub ttl: i64,
+    /// TCP only.
+    pub nodelay: bool,
+    pub cork: bool,
+    pub keepidle: i64,
+    pub keepintvl: i64,
+    pub keepcnt: i64,
+    pub user_timeout: i64,
+}
+
+/// What TCP repair mode tells of an established connection.
+/// `snd_seq`: the send queue's sequence number (write_seq: the byte after
+/// the last one queued); `rcv_seq`: the receive queue's (rcv_nxt: the
+/// byte after the last one received). `inq`/`outq`: bytes unread in the
+/// receive queue / not yet acknowledged in the send queue, of which
+/// `unsent` were never sent. `options`: tcpi_options bits (1 timestamps,
+/// 2 SACK, 4 window scaling); `window`: TCP_REPAIR_WINDOW (snd_wl1,
+/// snd_wnd, max_window, rcv_wnd, rcv_wup).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TcpRepair {
+    pub ino: u64,
+    pub snd_seq: u64,
+    pub rcv_seq: u64,
+    pub inq: u64,
+    pub outq: u64,
+    pub unsent: u64,
+    pub mss: u64,
+    pub options: u64,
+    pub snd_wscale: u64,
+    pub rcv_wscale: u64,
+    pub timestamp: u64,
+    pub window: Option<[u64; 5]>,
+    /// SO_SNDBUF / SO_RCVBUF at dump (as getsockopt returns them): given
+    /// back where the queues would not fit the new socket's defaults.
+    #[serde(default)]
+    pub sndbuf: u64,
+    #[serde(default)]
+    pub rcvbuf: u64,
 }
 
 /// Files in flight (SCM_RIGHTS) with one queued message of a Unix socket:

@@ -29,6 +29,7 @@ pub mod chardev;
 pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
+pub mod inet;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
@@ -39,6 +40,7 @@ pub mod pty;
 pub mod regular;
 pub mod signalfd;
 pub mod sys;
+pub mod tcp;
 pub mod timerfd;
 pub mod unix;
 pub mod unix_diag;
@@ -89,6 +91,14 @@ pub struct DumpShared {
     /// `--ext-unix-sk`: a stream connection to a listener outside the dump
     /// is recorded by the listener's path, and connected again at restore.
     pub ext_unix_sk: bool,
+    /// `--tcp-established`: established TCP connections are dumped (in
+    /// repair mode), else refused.
+    pub tcp_established: bool,
+    /// snap's copies of the dumped TCP connections, in repair mode.
+    pub repair: tcp::Repaired,
+    /// (local, remote) of the connections found when the dump began, whose
+    /// traffic the network lock holds where needed.
+    pub tcp_locked: HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 /// One kind of descriptor, dump side.
@@ -115,6 +125,8 @@ pub const REGISTRY: &[Kind] = &[
     epoll::KIND,
     inotify::KIND,
     unix::KIND,
+    inet::KIND,
+    inet::OTHER,
 ];
 
 /// Status flags and position of one descriptor, from /proc/PID/fdinfo/N.
@@ -178,6 +190,9 @@ impl DumpCtx {
                 unix_inflight: HashSet::new(),
                 unix_unheld: Vec::new(),
                 ext_unix_sk: false,
+                tcp_established: false,
+                repair: tcp::Repaired::default(),
+                tcp_locked: HashSet::new(),
                 ptys: Vec::new(),
             },
             index: HashMap::new(),
@@ -188,6 +203,18 @@ impl DumpCtx {
     /// `--ext-unix-sk` (see `unix.rs`).
     pub fn set_ext_unix_sk(&mut self, on: bool) {
         self.shared.ext_unix_sk = on;
+    }
+
+    /// `--tcp-established` (see `tcp.rs`).
+    pub fn set_tcp_established(&mut self, on: bool, lock: &inet::NetLock) {
+        self.shared.tcp_established = on;
+        self.shared.tcp_locked = lock.conns.clone();
+    }
+
+    /// The TCP connections put in repair mode so far: the caller decides
+    /// when they leave it (dropped) or are closed in it (`forget`).
+    pub fn take_repair(&mut self) -> tcp::Repaired {
+        std::mem::take(&mut self.shared.repair)
     }
 
     /// Checks that need every descriptor seen: call before `finish`.
@@ -368,7 +395,7 @@ pub fn restore_files(
     // Unix sockets need an order among themselves (unix::restore_pass);
     // for every other kind the order does not matter.
     for pass in 0..3 {
-        for of in files.files.iter().filter(|f| unix::restore_pass(f) == pass) {
+        for of in files.files.iter().filter(|f| restore_pass(f) == pass) {
             let fd = restore_one(of, &mut ctx).with_context(|| format!("restoring open file {}", of.id))?;
             anyhow::ensure!(out.insert(of.id, fd).is_none(), "files image has open file {} twice", of.id);
         }
@@ -376,6 +403,17 @@ pub fn restore_files(
     ctx.unix.finish(&out)?;
     // Dropping ctx closes the pipe ends no description of the image uses.
     Ok(out)
+}
+
+/// Unix sockets need an order among themselves; TCP listeners are bound
+/// before the connections they accepted (which share their port: repair
+/// mode lets those bind anyway, a listener without SO_REUSEADDR would not).
+fn restore_pass(of: &OpenFile) -> u8 {
+    match &of.kind {
+        FileKind::Inet { .. } => 0,
+        FileKind::TcpConn { .. } => 2,
+        _ => unix::restore_pass(of),
+    }
 }
 
 fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
@@ -394,6 +432,7 @@ fn restore_one(of: &OpenFile, ctx: &mut RestoreCtx) -> Result<OwnedFd> {
         FileKind::Mqueue { .. } => mqueue::restore(of, ctx),
         FileKind::UnixPeer { .. } | FileKind::UnixListen { .. } | FileKind::UnixLone { .. } => unix::restore(of, ctx),
         FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => pty::restore(of, ctx),
+        FileKind::Inet { .. } | FileKind::TcpConn { .. } => inet::restore(of, ctx),
     }
 }
 

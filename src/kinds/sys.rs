@@ -612,3 +612,45 @@ pub fn listen(fd: BorrowedFd<'_>, backlog: i32) -> nix::Result<()> {
     Errno::result(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(|_| ())
 }
 
+
+// ---------------------------------------------------------------- inet
+
+/// getsockopt into a byte buffer; returns the length the kernel wrote.
+pub fn get_bytes(fd: BorrowedFd<'_>, level: i32, opt: i32, buf: &mut [u8]) -> nix::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len`.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, buf.as_mut_ptr().cast(), &mut len) };
+    Errno::result(r).map(|_| len as usize)
+}
+
+/// setsockopt from a byte buffer.
+pub fn set_bytes(fd: BorrowedFd<'_>, level: i32, opt: i32, buf: &[u8]) -> nix::Result<()> {
+    // SAFETY: `buf` is readable for the length passed.
+    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, opt, buf.as_ptr().cast(), buf.len() as libc::socklen_t) };
+    Errno::result(r).map(|_| ())
+}
+
+/// recv(MSG_PEEK | MSG_DONTWAIT) into `buf`: bytes copied.
+pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<usize> {
+    // SAFETY: `buf` is writable for its whole length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    Errno::result(n).map(|n| n as usize)
+}
+
+/// send(fd, buf, flags): bytes sent, retried on EINTR.
+pub fn send_flags(fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> nix::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid buffer of the length passed.
+        let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+        match Errno::result(n) {
+            Err(Errno::EINTR) => continue,
+            r => return r.map(|n| n as usize),
+        }
+    }
+}
+
+/// fcntl(F_GETFL) / fcntl(F_SETFL).
+pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> nix::Result<()> {
+    // SAFETY: fcntl with integer arguments on a valid descriptor.
+    Errno::result(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) }).map(drop)
+}

@@ -111,6 +111,25 @@ fn load(img: &ImageReader) -> Result<Plan> {
     Ok(Plan { procs, files, roots: inv.roots.clone(), own_init: false, init_mnt: None })
 }
 
+/// Check that the image in `dir` could be restored as far as its files go:
+/// the whole chain opens (versions, manifests, every listed file's size and
+/// checksum), every page pack of the chain matches its manifest checksum
+/// and every page its name, and the process records load and form trees.
+/// Returns the roots and every pid of the image. For a supervisor choosing
+/// which checkpoint to recover from (`group::supervisor::recover`).
+pub fn verify(dir: &std::path::Path) -> Result<(Vec<i32>, Vec<i32>)> {
+    let img = ImageReader::open(dir)?;
+    img.verify_pack()?;
+    let mut link = img.parent();
+    while let Some(i) = link {
+        i.verify_pack()
+            .with_context(|| format!("image {} is incremental: its parent {} is damaged", dir.display(), i.dir().display()))?;
+        link = i.parent();
+    }
+    let plan = load(&img).with_context(|| format!("image {}", dir.display()))?;
+    Ok((plan.roots, plan.procs.keys().copied().collect()))
+}
+
 /// The image's processes must form trees under its roots, each process
 /// reached once: a damaged or hostile image naming a cycle, or a child
 /// under two parents, would otherwise make the fork code loop or fork it
@@ -485,6 +504,13 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
         }
         Ok(())
     })();
+    // 6b. TCP connections leave repair mode only now that every process
+    //     is ready: a restore that failed before closed them still in
+    //     repair mode, which the peers never see.
+    let res = res.and_then(|()| {
+        crate::kinds::tcp::leave_repair(&plan.files, &|id| pool.file(id), &|name| img.read_bytes(name))
+            .context("TCP connections leaving repair mode")
+    });
     if let Err(e) = res {
         detach_all(&attached);
         return Err(e);
@@ -502,6 +528,12 @@ fn restore(a: &RestoreArgs, t0: Instant) -> Result<i32> {
     }
     detach_all(&attached);
     drop(pool);
+    // The connections are back: their packets may pass again.
+    if let Some(t) = &img.inventory().net_lock {
+        if let Err(e) = crate::kinds::inet::unlock(t) {
+            eprintln!("snap: warning: {e:#}");
+        }
+    }
     let init = ns_init.0.take();
 
     let root_host = host.get(&plan.roots[0]).copied().unwrap_or(plan.roots[0]);

@@ -10,7 +10,7 @@ use crate::images::records::{FileId, VmaKind};
 use crate::images::{ChainStore, ImageReader};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 /// Size of the control area reserved in every restored process.
@@ -62,6 +62,12 @@ impl Pool {
     }
 
     /// Move `fd` into the pool range and keep it open for the forks.
+    /// snap's own copy of open file `id` of the image.
+    pub fn file(&self, id: u32) -> Option<BorrowedFd<'_>> {
+        let n = *self.files.get(&id)?;
+        self.owned.iter().find(|f| f.as_raw_fd() == n).map(|f| f.as_fd())
+    }
+
     fn adopt(&mut self, fd: OwnedFd) -> Result<RawFd> {
         let owned = crate::sys::dup_at_least(fd.as_fd(), self.base)?;
         let n = owned.as_raw_fd();
