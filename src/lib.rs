@@ -21,6 +21,7 @@ pub mod kinds;
 pub mod parasite;
 pub mod progress;
 pub mod restore;
+pub mod service;
 pub mod spans;
 pub mod sys;
 pub mod track;

@@ -113,16 +113,22 @@ fn start_in(r: &Reaper, cg: &Path, prog: &Path, args: &[&str]) -> i32 {
 }
 
 /// Run snap from inside cgroup `cg`, as a unit's ExecStart=/ExecStop= runs.
+/// Its stdout and stderr go to files, not pipes: a program that `snap
+/// service start` starts afresh inherits them (as it would the journal)
+/// and would keep a pipe open.
 fn snap_in(cg: &Path, args: &[&str]) -> SnapRun {
     let t0 = std::time::Instant::now();
+    let dir = tmp_root();
+    fs::create_dir_all(&dir).unwrap();
+    let (o, e) = (dir.join(format!("snap-in-{}.out", std::process::id())), dir.join(format!("snap-in-{}.err", std::process::id())));
     let mut cmd = Command::new(snap_bin());
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args).stdin(Stdio::null()).stdout(fs::File::create(&o).unwrap()).stderr(fs::File::create(&e).unwrap());
     in_cgroup(&mut cmd, cg);
-    let o = cmd.output().unwrap_or_else(|e| panic!("run snap {args:?}: {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("run snap {args:?}: {e}"));
     let r = SnapRun {
-        status: o.status,
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        status,
+        stdout: fs::read_to_string(&o).unwrap_or_default(),
+        stderr: fs::read_to_string(&e).unwrap_or_default(),
         elapsed: t0.elapsed(),
     };
     eprintln!("snap {} (in {}) -> {:?}\n  stderr: {}", args.join(" "), cg.display(), r.status, r.stderr.trim_end());
@@ -297,4 +303,94 @@ fn refusals_name_the_cgroup_and_thaw_it() {
         (n > n0 + 5).then_some(())
     });
     assert!(!Path::new(&d).exists(), "no image left behind");
+}
+
+/// Appends consecutive numbers to argv[1], one every 5 ms.
+const COUNTER: &str = "import sys, time\nf = open(sys.argv[1], 'ab', buffering=0)\nn = 0\nwhile True:\n    n += 1\n    f.write(b'%d\\n' % n)\n    time.sleep(0.005)\n";
+
+/// `snap service start` / `snap service stop` as a unit's ExecStart= and
+/// ExecStop= run them (inside the service's cgroup): the first start has no
+/// checkpoint and starts the program afresh; stop checkpoints the cgroup
+/// into ROOT/current; the next start restores it (same pid, the count goes
+/// on without a gap); a second stop keeps the first checkpoint as
+/// ROOT/previous; a damaged current checkpoint makes start fall back to a
+/// fresh program, saying why.
+#[test]
+fn service_hooks_stop_and_start() {
+    let _l = lock();
+    let name = "service_hooks_stop_and_start";
+    let mnt = need!(cgroup2_mount(), name, "no cgroup v2 mount");
+    let py = need!(python3(), name, "no python3");
+    let t = TempDir::new("cg-hooks");
+    let r = Reaper::new();
+    let cgs = TestCgroup::new(&mnt, "hooks");
+    let svc = cgs.child("system.slice/count.service");
+    let root = t.join("ckpt");
+    let (root_s, pidfile) = (root.to_str().unwrap().to_string(), t.join("pid"));
+    let out = t.join("numbers");
+    let start = || {
+        let run = snap_in(
+            &svc,
+            &["service", "start", "-D", &root_s, "--pidfile", pidfile.to_str().unwrap(), "--", py.to_str().unwrap(), "-c", COUNTER, out.to_str().unwrap()],
+        );
+        assert!(run.ok(), "service start: {}", run.describe());
+        let pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        r.add(pid);
+        assert_eq!(members(&svc), vec![pid], "the service runs in its cgroup");
+        (run, pid)
+    };
+    let stop = || {
+        let run = snap_in(&svc, &["service", "stop", "-D", &root_s]);
+        assert!(run.ok(), "service stop: {}", run.describe());
+        wait_for("the service cgroup to empty", secs(30), || members(&svc).is_empty().then_some(()));
+        assert!(!root.join("next").exists());
+        last_number(&out).unwrap()
+    };
+
+    let (run, pid) = start();
+    assert!(run.stderr.contains("afresh"), "{}", run.stderr);
+    wait_counter_past(&out, 0, 20, secs(30));
+    let at = stop();
+    assert!(root.join("current/inventory.json").exists());
+    wait_gone(&[pid], secs(30)).unwrap();
+
+    let (run, pid2) = start();
+    assert!(run.stderr.contains("restored"), "{}", run.stderr);
+    assert_eq!(pid2, pid, "the same process came back");
+    wait_counter_past(&out, at, 20, secs(30));
+    assert_consecutive(&numbers(&out), "count across stop and start");
+    let at2 = stop();
+    assert!(at2 > at);
+    assert!(root.join("previous/inventory.json").exists() && root.join("current/inventory.json").exists());
+    wait_gone(&[pid], secs(30)).unwrap();
+
+    // One flipped byte in the current checkpoint's page pack: the restore
+    // is refused and the service starts afresh (counting from 1 again).
+    let pack = root.join("current/pages.pack");
+    let mut b = fs::read(&pack).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    fs::write(&pack, b).unwrap();
+    fs::write(&out, b"").unwrap();
+    let (run, _) = start();
+    assert!(run.stderr.contains("starting the program afresh") && run.stderr.contains("page store damaged"), "{}", run.stderr);
+    wait_for("a fresh count", secs(30), || numbers(&out).first().filter(|&&n| n == 1).map(|_| ()));
+}
+
+/// The unit shipped in docs/systemd/ passes `systemd-analyze verify` (with
+/// snap's path replaced by the one under test), and its two hooks are the
+/// `snap service` commands tested above.
+#[test]
+fn shipped_unit_verifies() {
+    let _l = lock();
+    let name = "shipped_unit_verifies";
+    let analyze = need!(["/usr/bin/systemd-analyze", "/bin/systemd-analyze"].iter().map(Path::new).find(|p| p.exists()), name, "no systemd-analyze");
+    let t = TempDir::new("cg-unit");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/systemd/counter.service");
+    let text = fs::read_to_string(&src).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/snap service start") && text.contains("ExecStop=/usr/local/bin/snap service stop"), "{text}");
+    let unit = t.join("counter.service");
+    fs::write(&unit, text.replace("/usr/local/bin/snap", snap_bin().to_str().unwrap())).unwrap();
+    let o = Command::new(analyze).arg("verify").arg(&unit).output().unwrap();
+    assert!(o.status.success(), "systemd-analyze verify {}: {}{}", unit.display(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }

@@ -58,6 +58,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The hooks of a systemd unit whose service comes back where it
+    /// stopped: `ExecStart=snap service start`, `ExecStop=snap service stop`
+    /// (docs/systemd.md).
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
     /// List the groups started with `snap run`, their members and checkpoints.
     Ps {
         /// Machine-readable output.
@@ -220,6 +227,41 @@ pub struct RestoreArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Restore ROOT/current with -d (an ExecStart= of Type=forking); with
+    /// no checkpoint, or if it cannot be restored (said on stderr), start
+    /// PROGRAM afresh, detached. Returns once the service runs.
+    Start {
+        /// Directory of the service's checkpoints (current, previous).
+        #[arg(short = 'D', long = "images-dir", value_name = "ROOT")]
+        root: PathBuf,
+        /// Write the service's main pid here (for PIDFile=).
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// The program for a cold start, after `--`.
+        #[arg(last = true, required = true, value_name = "PROGRAM")]
+        program: Vec<String>,
+    },
+    /// Checkpoint the cgroup this runs in (the service's, as ExecStop=
+    /// runs) into ROOT/next, then make it ROOT/current (the old one becomes
+    /// ROOT/previous). The service's processes are killed, as a stop should.
+    Stop {
+        /// Directory of the service's checkpoints.
+        #[arg(short = 'D', long = "images-dir", value_name = "ROOT")]
+        root: PathBuf,
+        /// As `snap dump --tcp-established`.
+        #[arg(long)]
+        tcp_established: bool,
+        /// As `snap dump --ext-unix-sk`.
+        #[arg(long)]
+        ext_unix_sk: bool,
+        /// Compress page packs with zstd.
+        #[arg(long)]
+        compress: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ImageCmd {
     /// Print what an image holds.
     Show {
@@ -333,6 +375,26 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => crate::group::run(a),
         Cmd::Join { name, program } => crate::group::join(&name, &program),
         Cmd::Ps { json } => crate::group::ps(json),
+        Cmd::Service { cmd: ServiceCmd::Start { root, pidfile, program } } => {
+            crate::service::start(&root, pidfile.as_deref(), &program)
+        }
+        Cmd::Service { cmd: ServiceCmd::Stop { root, tcp_established, ext_unix_sk, compress } } => {
+            let a = DumpArgs {
+                tree: vec![],
+                cgroup: None,
+                dir: PathBuf::new(),
+                group: None,
+                leave_running: false,
+                shell_job: false,
+                ext_unix_sk,
+                tcp_established,
+                compress,
+                track_mem: false,
+                prev_images_dir: None,
+                json: false,
+            };
+            crate::service::stop(&root, &a).map(|_| 0)
+        }
         Cmd::Recover { name, json } => crate::group::recover(&name, json).map(|_| 0),
         Cmd::Supervise { spec } => crate::group::supervise_detached(&spec),
         Cmd::PidnsInit { report_fd, program } => crate::group::init::main(report_fd, &program),

@@ -67,7 +67,7 @@ fn members_below(top: &Path) -> Result<Vec<Pid>> {
 }
 
 /// This process's cgroup v2, as an absolute path.
-fn own_cgroup(mnt: &Path) -> Result<PathBuf> {
+pub fn own_cgroup(mnt: &Path) -> Result<PathBuf> {
     let s = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
     let rel = s.lines().find_map(|l| l.strip_prefix("0::")).context("/proc/self/cgroup has no cgroup v2 line")?;
     Ok(mnt.join(rel.trim_start_matches('/')))
