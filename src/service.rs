@@ -47,8 +47,8 @@ pub fn start(root: &Path, pidfile: Option<&Path>, program: &[String]) -> Result<
         }
     }
     let (prog, args) = program.split_first().context("snap service start: no program after --")?;
-    let mnt = crate::sys::probe::cgroup2_mount().context("no cgroup2 mount in /proc/self/mountinfo")?;
-    let own = crate::dump::cgroup::own_cgroup(Path::new(&mnt))?;
+    let mnt = crate::dump::cgroup::mount()?;
+    let own = crate::dump::cgroup::own_cgroup(&mnt)?;
     let procs_path = own.join("cgroup.procs");
     let procs = fs::OpenOptions::new().write(true).open(&procs_path).with_context(|| format!("opening {}", procs_path.display()))?;
     let mut cmd = std::process::Command::new(prog);
@@ -68,9 +68,9 @@ pub fn start(root: &Path, pidfile: Option<&Path>, program: &[String]) -> Result<
 /// given (its tree and directory are set here).
 pub fn stop(root: &Path, dump: &DumpArgs) -> Result<()> {
     fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let mnt = crate::sys::probe::cgroup2_mount().context("no cgroup2 mount in /proc/self/mountinfo")?;
-    let own = crate::dump::cgroup::own_cgroup(Path::new(&mnt))?;
-    if own == Path::new(&mnt) {
+    let mnt = crate::dump::cgroup::mount()?;
+    let own = crate::dump::cgroup::own_cgroup(&mnt)?;
+    if own == mnt {
         bail!("snap service stop runs in the root cgroup: it must run inside the service's cgroup (as ExecStop= does)");
     }
     let next = root.join("next");

@@ -26,7 +26,7 @@ use crate::types::Pid;
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The cgroup v2 mount.
-fn mount() -> Result<PathBuf> {
+pub fn mount() -> Result<PathBuf> {
     crate::sys::probe::cgroup2_mount()
         .map(PathBuf::from)
         .context("no cgroup2 mount in /proc/self/mountinfo (--cgroup needs cgroup v2)")
